@@ -1,0 +1,44 @@
+# The front door. `make help` lists the targets.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: help setup repro test test-fast lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh scripts/install_system_deps.sh
+	bash scripts/setup.sh
+
+setup: $(STAMP) ## create .venv with the pinned dependencies and install the Debian packages
+
+repro: $(STAMP) ## run the whole DVC chain on the built-in demo data
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP) ## run the whole test suite
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the test suite without the slow end-to-end runs
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP) ## run the benchmarks (medians printed; numbers quoted in README)
+	$(PY) benchmarks/bench_collator.py
+	$(PY) benchmarks/bench_pretrain_step.py
+
+clean: ## remove caches (keeps .venv, data and mlflow.db)
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,0 +1,37 @@
+"""The one place that chooses an accelerator. Nothing else in the project calls ``.cuda()``."""
+
+from __future__ import annotations
+
+import torch
+
+_KINDS = ("auto", "cuda", "mps", "cpu")
+
+
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """Choose the compute device.
+
+    Args:
+        preference: "auto" (cuda, then mps, then cpu), or one of "cuda", "mps", "cpu".
+        local_rank: GPU index on this node for distributed runs.
+    Returns:
+        torch.device; an explicit request that cannot be met is an error, never a silent fallback.
+    """
+    if preference not in _KINDS:
+        raise ValueError(f"device must be one of {_KINDS}, got {preference!r}")
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if preference == "cuda":
+        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False")
+    mps = getattr(torch.backends, "mps", None)
+    if preference in ("auto", "mps") and mps is not None and mps.is_available():
+        return torch.device("mps")
+    if preference == "mps":
+        raise RuntimeError("device 'mps' was requested but MPS is not available")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked; a disabled context elsewhere (CPU runs in fp32)."""
+    enabled = bool(bf16) and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
