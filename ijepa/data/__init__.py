@@ -1,0 +1,18 @@
+"""Data: preparing WebDataset shards and streaming them for pretraining and evaluation."""
+
+from .loaders import decode_image, eval_loader, eval_transform, pretrain_loader, pretrain_transform
+from .shards import prepare_fashion_mnist, prepare_image_folder, read_manifest, shard_urls
+from .sources import find_fashion_mnist
+
+__all__ = [
+    "decode_image",
+    "eval_loader",
+    "eval_transform",
+    "find_fashion_mnist",
+    "prepare_fashion_mnist",
+    "prepare_image_folder",
+    "pretrain_loader",
+    "pretrain_transform",
+    "read_manifest",
+    "shard_urls",
+]

@@ -1,0 +1,367 @@
+"""Streaming loaders over the prepared shards: pretraining (resampled, fixed-length epochs) and evaluation.
+
+Batches leave the loaders as uint8 ``(B, H, W, 3)`` arrays in OpenCV's BGR order, built in the workers
+straight into shared memory (each image is decoded, cropped and resized into its slot of the batch: no
+per-image channel shuffle, no stacking copy, 4x less inter-process traffic than float32);
+``Normalize`` turns them into the model's float ``(B, 3, H, W)`` RGB input on the training device.
+Grey images are replicated to 3 channels at decode (OpenCV ``IMREAD_COLOR``), so every model has a
+3-channel patch embedding and official RGB weights apply unchanged.
+
+Pretraining: each rank takes its own subset of shards (``shards[rank::world]`` when there are at least as
+many shards as ranks), each worker resamples shards from that subset with replacement and shuffles
+samples in a buffer, all from generators seeded by (seed, epoch, rank, worker); an epoch is exactly
+``batches_per_epoch`` batches on every rank (``with_epoch``), so DDP never waits at an epoch end. Masks
+are drawn inside the workers, at each batch's global step.
+
+Evaluation: every sample exactly once across ranks and workers, in a deterministic order: shards are
+dealt to the (rank, worker) readers when there are enough of them, otherwise every reader scans all shards
+and keeps every n-th sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import random
+from collections.abc import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import get_worker_info
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def decode_array(data: bytes, where: str = "sample") -> np.ndarray:
+    """JPEG/PNG bytes -> (H, W, 3) uint8 array in OpenCV's BGR order (grey replicated to 3 channels)."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ValueError(f"cannot decode the image of {where}")
+    return arr
+
+
+def decode_image(data: bytes, where: str = "sample") -> torch.Tensor:
+    """JPEG/PNG bytes -> (3, H, W) uint8 RGB tensor (grey replicated to 3 channels)."""
+    return torch.from_numpy(np.ascontiguousarray(decode_array(data, where)[:, :, ::-1].transpose(2, 0, 1)))
+
+
+def _resize_into(src: np.ndarray, dst: np.ndarray) -> None:
+    # Bilinear, switching to INTER_AREA (anti-aliased, 4x slower) only when shrinking by 2x or more, where
+    # bilinear would alias; below 2x bilinear reads every source pixel anyway.
+    h, w = dst.shape[:2]
+    area = w * 2 <= src.shape[1] or h * 2 <= src.shape[0]
+    cv2.resize(src, (w, h), dst=dst, interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
+
+
+class PretrainTransform:
+    """Upstream's ``make_transforms`` for one image, written into a batch slot.
+
+    RandomResizedCrop(crop_size, scale=crop_scale, ratio 3/4-4/3) with torchvision's sampling rule, optional
+    horizontal flip, colour distortion (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 plus RandomGrayscale
+    0.2) and Gaussian blur (p 0.5, sigma 0.1-2). Normalisation is ``Normalize``'s job, on the batch.
+    Crop and flip draw from the ``random.Random`` handed in (seeded per worker by the loaders); colour and
+    blur use the torch RNG (seeded per worker too).
+    """
+
+    def __init__(
+        self,
+        crop_size: int,
+        crop_scale: Sequence[float] = (0.3, 1.0),
+        horizontal_flip: bool = False,
+        color_distortion: bool = False,
+        color_jitter: float = 1.0,
+        gaussian_blur: bool = False,
+    ):
+        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
+        self.crop_size, self.crop_scale, self.flip = int(crop_size), tuple(crop_scale), bool(horizontal_flip)
+        extra: list = []
+        if color_distortion:
+            s = color_jitter
+            extra += [
+                v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+                v2.RandomGrayscale(0.2),
+            ]
+        if gaussian_blur:
+            extra.append(v2.RandomApply([v2.GaussianBlur(max(3, (crop_size // 10) | 1), sigma=(0.1, 2.0))], p=0.5))
+        self._extra = v2.Compose(extra) if extra else None
+
+    def crop_params(self, rng: random.Random, height: int, width: int) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop rule: 10 tries of area x log-uniform ratio, else a centre crop."""
+        area = height * width
+        lo, hi = math.log(3 / 4), math.log(4 / 3)
+        for _ in range(10):
+            target = area * rng.uniform(*self.crop_scale)
+            ratio = math.exp(rng.uniform(lo, hi))
+            w = round(math.sqrt(target * ratio))
+            h = round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        ratio = width / height
+        if ratio < 3 / 4:
+            w, h = width, round(width / (3 / 4))
+        elif ratio > 4 / 3:
+            h, w = height, round(height * (4 / 3))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def apply(self, arr: np.ndarray, out: np.ndarray, rng: random.Random) -> None:
+        """Write the transformed ``arr`` (H, W, 3) into ``out`` (S, S, 3); both BGR uint8."""
+        top, left, h, w = self.crop_params(rng, arr.shape[0], arr.shape[1])
+        _resize_into(arr[top : top + h, left : left + w], out)
+        if self.flip and rng.random() < 0.5:
+            cv2.flip(out, 1, dst=out)
+        if self._extra is not None:
+            rgb = torch.from_numpy(np.ascontiguousarray(out[:, :, ::-1].transpose(2, 0, 1)))
+            out[...] = self._extra(rgb).permute(1, 2, 0).numpy()[:, :, ::-1]
+
+
+class EvalTransform:
+    """Deterministic: resize the short side to ``resize_size`` (default crop_size), centre-crop to
+    ``crop_size`` (written into a batch slot)."""
+
+    def __init__(self, crop_size: int, resize_size: int | None = None):
+        self.crop_size, self.resize_size = int(crop_size), int(resize_size or crop_size)
+
+    def apply(self, arr: np.ndarray, out: np.ndarray, rng: random.Random | None = None) -> None:
+        h, w = arr.shape[:2]
+        scale = self.resize_size / min(h, w)
+        nh, nw = max(self.crop_size, round(h * scale)), max(self.crop_size, round(w * scale))
+        resized = np.empty((nh, nw, 3), np.uint8)
+        _resize_into(arr, resized)
+        top, left = (nh - self.crop_size) // 2, (nw - self.crop_size) // 2
+        out[...] = resized[top : top + self.crop_size, left : left + self.crop_size]
+
+
+def pretrain_transform(crop_size: int, **kwargs) -> PretrainTransform:
+    """``PretrainTransform(crop_size, **kwargs)``."""
+    return PretrainTransform(crop_size, **kwargs)
+
+
+def eval_transform(crop_size: int, resize_size: int | None = None) -> EvalTransform:
+    """``EvalTransform(crop_size, resize_size)``."""
+    return EvalTransform(crop_size, resize_size)
+
+
+def build_batch(
+    arrays: Sequence[np.ndarray], transform, rng: random.Random | None = None, shared: bool = False
+) -> torch.Tensor:
+    """Transform decoded BGR images into one uint8 (B, S, S, 3) batch (in shared memory when ``shared``)."""
+    s = transform.crop_size
+    buf = torch.empty((len(arrays), s, s, 3), dtype=torch.uint8)
+    if shared:
+        buf.share_memory_()  # workers hand the batch over without another copy
+    view = buf.numpy()
+    for i, arr in enumerate(arrays):
+        transform.apply(arr, view[i], rng)
+    return buf
+
+
+class Normalize:
+    """uint8 BGR (B, H, W, 3) batches -> float32 RGB (B, 3, H, W), normalised (ImageNet statistics by default).
+
+    Runs on ``device`` (the GPU in training), where the layout change and normalisation are cheap.
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.mean = [255.0 * m for m in mean]
+        self.std = [255.0 * s for s in std]
+
+    def __call__(self, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        x = x.to(device, non_blocking=True) if device is not None else x
+        b, h, w, _ = x.shape
+        out = torch.empty((b, 3, h, w), dtype=torch.float32, device=x.device)
+        for c in range(3):  # RGB channel c is BGR channel 2 - c; in place per plane (cheapest on CPU)
+            out[:, c].copy_(x[..., 2 - c]).sub_(self.mean[c]).div_(self.std[c])
+        return out
+
+
+def to_rgb_uint8(batch: torch.Tensor) -> torch.Tensor:
+    """A loader batch (B, H, W, 3) BGR -> (B, 3, H, W) RGB uint8 (for pictures and tests)."""
+    return batch.flip(-1).permute(0, 3, 1, 2).contiguous()
+
+
+class _RankShards(torch.utils.data.IterableDataset):
+    """Infinite stream of this rank's shards, resampled with replacement per worker (resampled=True)."""
+
+    def __init__(self, urls: Sequence[str], rank: int, world_size: int, seed: int, epoch: int):
+        super().__init__()
+        urls = list(urls)
+        self.urls = urls[rank::world_size] if len(urls) >= world_size else urls
+        self.rank, self.seed, self.epoch = rank, seed, epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(_seed("shards", self.seed, self.epoch, self.rank, _worker()[0]))
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, initial: int = 100) -> Iterator:
+    """Buffer shuffle with a (seed, epoch, rank, worker)-seeded generator (webdataset's default is unseeded).
+
+    Starts yielding once ``initial`` samples are buffered and grows the buffer to ``bufsize`` by reading
+    two samples per one yielded, so an epoch does not begin by reading a whole buffer.
+    """
+    rng = random.Random(_seed("samples", seed, epoch, rank, _worker()[0]))
+    it = iter(src)
+    buf: list = []
+    for sample in it:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            nxt = next(it, None)
+            if nxt is not None:
+                buf.append(nxt)
+        if len(buf) >= min(initial, bufsize):
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _image_bytes(sample: dict) -> tuple[bytes, str]:
+    data = sample.get("jpg", sample.get("png"))
+    where = f"key {sample.get('__key__')} in {sample.get('__url__')}"
+    if data is None:
+        raise KeyError(f"{where} has no jpg or png entry (has {sorted(k for k in sample if not k.startswith('__'))})")
+    return data, where
+
+
+def _pretrain_batches(src: Iterator[dict], batch_size: int, transform, collator, seed: int, epoch: int, rank: int):
+    """Worker stage: full batches ``((images, labels), masks_enc, masks_pred)`` (no masks without collator)."""
+    rng = random.Random(_seed("crops", seed, epoch, rank, _worker()[0]))
+    shared = get_worker_info() is not None
+    while True:
+        samples = [s for _, s in zip(range(batch_size), src, strict=False)]
+        if len(samples) < batch_size:
+            return
+        arrays = [decode_array(*_image_bytes(s)) for s in samples]
+        batch = (build_batch(arrays, transform, rng, shared), torch.tensor([int(s["cls"]) for s in samples]))
+        if collator is None:
+            yield batch
+        else:
+            yield (batch, *collator.sample(batch_size, collator.next_step()))
+
+
+def _seed_worker(worker_id: int, base: int) -> None:
+    cv2.setNumThreads(1)
+    torch.manual_seed(_seed("torch", base, worker_id) % 2**63)
+
+
+def pretrain_loader(
+    urls: Sequence[str],
+    *,
+    batch_size: int,
+    collator,
+    transform: PretrainTransform,
+    batches_per_epoch: int,
+    epoch: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+) -> wds.WebLoader:
+    """Loader for one pretraining epoch: exactly ``batches_per_epoch`` batches of
+    ``((images uint8 (B, S, S, 3) BGR, labels), masks_enc, masks_pred)``.
+
+    Args:
+        urls: the train split's shards.
+        batch_size: per-rank batch B.
+        collator: ``MultiBlockMaskCollator`` (masks drawn in the workers at each batch's global step; call
+            its ``set_start_step`` first), or None for ``(images, labels)`` batches.
+        transform: ``PretrainTransform``.
+        batches_per_epoch: iterations per epoch (the same on every rank).
+        epoch, seed, rank, world_size: fix every random draw of the data stream.
+        num_workers: DataLoader worker processes.
+        shuffle_buffer: samples held for shuffling in each worker.
+    """
+    if not urls:
+        raise ValueError("pretrain_loader needs at least one shard")
+    pipeline = wds.DataPipeline(
+        _RankShards(urls, rank, world_size, seed, epoch),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        functools.partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank),
+        functools.partial(
+            _pretrain_batches,
+            batch_size=batch_size,
+            transform=transform,
+            collator=collator,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+        ),
+    )
+    base = _seed("worker", seed, epoch, rank)
+    if num_workers == 0:
+        torch.manual_seed(base % 2**63)
+    loader = wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        worker_init_fn=functools.partial(_seed_worker, base=base),
+    )
+    return loader.with_epoch(batches_per_epoch)
+
+
+class _EvalBatches(torch.utils.data.IterableDataset):
+    """Exact-once reader: batches (images, labels, keys) of the samples of this (rank, worker)."""
+
+    def __init__(self, urls, transform, batch_size: int, rank: int, world_size: int, num_workers: int):
+        super().__init__()
+        self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
+
+    def _mine(self) -> Iterator[dict]:
+        readers = self.world_size * self.num_workers
+        me = self.rank * self.num_workers + _worker()[0]
+        by_shard = len(self.urls) >= readers
+        urls = self.urls[me::readers] if by_shard else self.urls
+        samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls]))
+        for i, sample in enumerate(samples):
+            if by_shard or i % readers == me:
+                yield sample
+
+    def __iter__(self):
+        shared = get_worker_info() is not None
+        it = self._mine()
+        while samples := [s for _, s in zip(range(self.batch_size), it, strict=False)]:
+            arrays = [decode_array(*_image_bytes(s)) for s in samples]
+            yield (
+                build_batch(arrays, self.transform, None, shared),
+                torch.tensor([int(s["cls"]) for s in samples]),
+                [s["__key__"] for s in samples],
+            )
+
+
+def eval_loader(
+    urls: Sequence[str],
+    *,
+    batch_size: int,
+    transform: EvalTransform,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+) -> torch.utils.data.DataLoader:
+    """Deterministic loader yielding ``(images uint8 (B, S, S, 3) BGR, labels, keys)``; across all ranks and
+    workers every sample of ``urls`` appears exactly once (keys identify them for gathering)."""
+    ds = _EvalBatches(urls, transform, batch_size, rank, world_size, num_workers)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=num_workers, worker_init_fn=functools.partial(_seed_worker, base=0)
+    )

@@ -1,0 +1,280 @@
+"""Prepare stage data path and loaders: round trip, determinism, bad inputs, DDP splitting."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ijepa.data import (
+    eval_loader,
+    eval_transform,
+    find_fashion_mnist,
+    prepare_fashion_mnist,
+    prepare_image_folder,
+    pretrain_loader,
+    pretrain_transform,
+    read_manifest,
+    shard_urls,
+)
+from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_batch, decode_image, to_rgb_uint8
+from ijepa.masks import MultiBlockMaskCollator
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def pattern(label: int, i: int, size=(24, 20)) -> np.ndarray:
+    rng = np.random.default_rng(100 * label + i)
+    img = rng.integers(0, 60, (*size, 3), dtype=np.uint8)
+    img[..., label] += 150  # class-coloured
+    return img
+
+
+def write_jpeg(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="JPEG", quality=90)
+
+
+def make_folder(root: Path, per_class=6) -> Path:
+    for c, name in enumerate(CLASSES):
+        for i in range(per_class):
+            write_jpeg(root / name / f"img_{i}.jpg", pattern(c, i, size=(20 + i, 24)))
+    return root
+
+
+def all_samples(out: Path, split: str, transform=None) -> list[tuple[torch.Tensor, int, str]]:
+    transform = transform or eval_transform(16)
+    loader = eval_loader(shard_urls(out, split), batch_size=4, transform=transform, num_workers=0)
+    return [
+        (img, int(lbl), key)
+        for imgs, lbls, keys in loader
+        for img, lbl, key in zip(to_rgb_uint8(imgs), lbls, keys, strict=True)
+    ]
+
+
+def test_image_folder_round_trip(tmp_path):
+    src = make_folder(tmp_path / "train")
+    make_folder(tmp_path / "val", per_class=2)
+    out = tmp_path / "shards"
+    m = prepare_image_folder(
+        src, out, test_dir=tmp_path / "val", val_fraction=1 / 3, shard_size=4, workers=2, progress=False
+    )
+    assert m["classes"] == CLASSES
+    assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 12, "val": 6, "test": 6}
+    assert m["splits"]["val"]["per_class"] == {"cat": 2, "dog": 2, "eel": 2}
+    assert all(Path(out / s["file"]).is_file() for s in m["splits"]["train"]["shards"])
+    seen = set()
+    for split in ("train", "val"):
+        import webdataset as wds
+
+        for sample in wds.WebDataset(shard_urls(out, split), shardshuffle=False, empty_check=False):
+            meta = json.loads(sample["json"])
+            rel = meta["source"]
+            assert rel not in seen
+            seen.add(rel)
+            assert int(sample["cls"]) == CLASSES.index(rel.split("/")[0]) == meta["label"]
+            original = (src / rel).read_bytes()
+            assert sample["jpg"] == original  # valid JPEGs are stored unchanged
+            assert torch.equal(decode_image(sample["jpg"]), decode_image(original))
+    assert len(seen) == 18  # every training image exactly once across train and val
+    first_shard = {
+        json.loads(s["json"])["label"] for s in wds.WebDataset(shard_urls(out, "train")[0], shardshuffle=False)
+    }
+    assert len(first_shard) > 1  # shuffled once: shards mix classes
+
+
+def test_same_input_gives_byte_identical_shards(tmp_path):
+    src = make_folder(tmp_path / "train")
+    a = prepare_image_folder(src, tmp_path / "a", val_fraction=0.2, shard_size=5, seed=3, workers=2, progress=False)
+    b = prepare_image_folder(src, tmp_path / "b", val_fraction=0.2, shard_size=5, seed=3, workers=1, progress=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tar"))
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert a["splits"] == b["splits"]
+    c = prepare_image_folder(src, tmp_path / "c", val_fraction=0.2, shard_size=5, seed=4, workers=2, progress=False)
+    assert c["splits"]["train"]["shards"][0]["sha256"] != a["splits"]["train"]["shards"][0]["sha256"]
+
+
+def test_bad_inputs_are_converted_or_skipped_and_listed(tmp_path):
+    root = make_folder(tmp_path / "train", per_class=2)
+    bad = root / "cat"
+    good_jpeg = (bad / "img_0.jpg").read_bytes()
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "truncated.jpg").write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (bad / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    (bad / "text.jpg").write_bytes(b"this is not an image at all")
+    (bad / "notes.txt").write_text("a stray file")
+    Image.fromarray(pattern(0, 9)).convert("CMYK").save(bad / "cmyk.jpg")
+    Image.fromarray((np.arange(24 * 20).reshape(24, 20) * 100).astype(np.uint16)).save(bad / "deep16.png")
+    Image.fromarray(pattern(0, 8)).convert("P", palette=Image.Palette.ADAPTIVE).save(bad / "palette.png")
+    rgba = np.dstack([pattern(0, 7), np.full((24, 20), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(bad / "alpha.png")
+    (root / "empty_class").mkdir()
+    warnings = []
+    m = prepare_image_folder(
+        root, tmp_path / "out", val_fraction=0.0, shard_size=100, workers=2, progress=False, warn=warnings.append
+    )
+    skipped = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
+    assert skipped["zero.jpg"] == "empty file (0 bytes)"
+    assert "truncated" in skipped["truncated.jpg"]
+    assert "corrupt" in skipped["corrupt.jpg"] or "not an image" in skipped["corrupt.jpg"]
+    assert skipped["text.jpg"].startswith("not an image")
+    assert "not an image file" in skipped["notes.txt"]
+    assert set(skipped) == {"zero.jpg", "truncated.jpg", "corrupt.jpg", "text.jpg", "notes.txt"}
+    assert any("empty_class" in w for w in m["warnings"]) and any("empty_class" in w for w in warnings)
+    samples = all_samples(tmp_path / "out", "train")
+    converted = {}
+    import webdataset as wds
+
+    for s in wds.WebDataset(shard_urls(tmp_path / "out", "train"), shardshuffle=False):
+        meta = json.loads(s["json"])
+        if "converted" in meta:
+            converted[Path(meta["source"]).name] = (meta["converted"], s)
+    assert set(converted) == {"cmyk.jpg", "deep16.png", "palette.png", "alpha.png"}
+    assert "CMYK" in converted["cmyk.jpg"][0] and "8-bit" in converted["deep16.png"][0]
+    assert "alpha" in converted["alpha.png"][0] and "palette" in converted["palette.png"][0]
+    deep = cv2.imdecode(np.frombuffer(converted["deep16.png"][1]["png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert deep.dtype == np.uint8 and deep.ndim == 2 and deep.max() > 100
+    assert len(samples) == 2 * 3 + 4 and all(img.shape[0] == 3 for img, _, _ in samples)
+    assert m["splits"]["train"]["converted"] == 4
+
+
+def test_split_without_usable_images_is_an_error_and_keeps_old_output(tmp_path):
+    good = make_folder(tmp_path / "good", per_class=2)
+    out = tmp_path / "out"
+    prepare_image_folder(good, out, val_fraction=0.0, workers=1, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken"
+    for name in CLASSES:
+        (broken / name).mkdir(parents=True)
+        (broken / name / "x.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="split 'train' has no usable image"):
+        prepare_image_folder(broken, out, val_fraction=0.0, workers=1, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_image_folder(tmp_path / "nowhere", out, progress=False)
+
+
+@pytest.mark.parametrize("shard_size", [3, 100])  # many shards (dealt to readers) and one shard (sample split)
+def test_eval_loader_two_ranks_two_workers_every_sample_once(tmp_path, shard_size):
+    src = make_folder(tmp_path / "train", per_class=7)
+    out = tmp_path / "shards"
+    prepare_image_folder(src, out, val_fraction=0.0, shard_size=shard_size, workers=1, progress=False)
+    urls = shard_urls(out, "train")
+    keys = []
+    for rank in range(2):
+        loader = eval_loader(urls, batch_size=3, transform=eval_transform(16), rank=rank, world_size=2, num_workers=2)
+        for imgs, _labels, ks in loader:
+            assert imgs.shape[1:] == (16, 16, 3) and imgs.dtype == torch.uint8  # normalised on the device
+            keys += ks
+    assert sorted(keys) == [f"{i:08d}" for i in range(21)]
+
+
+def test_pretrain_loader_fixed_epochs_per_rank_and_deterministic(tmp_path):
+    src = make_folder(tmp_path / "train", per_class=8)
+    out = tmp_path / "shards"
+    prepare_image_folder(src, out, val_fraction=0.0, shard_size=4, workers=1, progress=False)
+    urls = shard_urls(out, "train")
+    kw = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), npred=4, min_keep=4)
+
+    def epoch(rank, ep, workers=2):
+        coll = MultiBlockMaskCollator(32, 4, rank=rank, **kw)
+        coll.set_start_step(ep * 5)
+        loader = pretrain_loader(
+            urls,
+            batch_size=4,
+            collator=coll,
+            transform=pretrain_transform(32),
+            batches_per_epoch=5,
+            epoch=ep,
+            seed=1,
+            rank=rank,
+            world_size=2,
+            num_workers=workers,
+            shuffle_buffer=8,
+        )
+        batches = list(loader)
+        for i, ((imgs, _), enc, pred) in enumerate(batches):  # masks drawn at the batch's global step
+            ref_enc, ref_pred = coll.sample(4, ep * 5 + i)
+            assert torch.equal(enc[0], ref_enc[0]) and torch.equal(pred[3], ref_pred[3])
+            assert imgs.shape == (4, 32, 32, 3)
+        return batches
+
+    r0, r1 = epoch(0, 0), epoch(1, 0)
+    assert len(r0) == len(r1) == 5  # every rank the same number of batches
+    again = epoch(0, 0)
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(r0, again, strict=True))
+    other = epoch(0, 1)
+    assert not all(torch.equal(a[0][1], b[0][1]) for a, b in zip(r0, other, strict=True))
+
+
+def write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
+    header = struct.pack(">II", magic, len(arr)) + (struct.pack(">II", *arr.shape[1:]) if arr.ndim == 3 else b"")
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def mini_fashion_mnist(folder: Path, n_train=40, n_test=20) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)), 2051)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 2049)
+    return folder
+
+
+def test_fashion_mnist_idx_source(tmp_path):
+    src = mini_fashion_mnist(tmp_path / "fm")
+    m = prepare_fashion_mnist(src, tmp_path / "out", val_fraction=0.25, shard_size=8, workers=1, progress=False)
+    assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 30, "val": 10, "test": 20}
+    assert m["classes"][0] == "T-shirt/top" and m["image_sizes"]["most_common"] == {"28x28": 60}
+    img, _, _ = all_samples(tmp_path / "out", "test", transform=eval_transform(28))[0]
+    assert img.dtype == torch.uint8
+    assert img.shape == (3, 28, 28) and torch.equal(img[0], img[1])  # grey replicated to 3 channels
+    assert read_manifest(tmp_path / "out")["source"]["kind"] == "fashion_mnist"
+    assert find_fashion_mnist(src) == src
+
+
+def test_transforms_and_normalize():
+    import random
+
+    arr = np.zeros((30, 40, 3), np.uint8)
+    arr[..., 2] = 255  # red, in OpenCV's BGR order
+    arr[:, :20, 1] = 255  # left half yellow
+    out = to_rgb_uint8(build_batch([arr], eval_transform(16, 20)))[0]
+    assert out.shape == (3, 16, 16) and out[0].min() == 255 and out[2].max() == 0  # RGB after conversion
+    rng = random.Random(0)
+    tf = pretrain_transform(16, crop_scale=(0.3, 1.0), horizontal_flip=True)
+    for _ in range(20):
+        top, left, h, w = tf.crop_params(rng, 30, 40)
+        assert 0 <= top <= 30 - h and 0 <= left <= 40 - w and 0.3 * 1200 * 0.9 <= h * w <= 1200
+    flips = {int(build_batch([arr], tf, random.Random(i))[0, 8, 0, 1]) for i in range(12)}
+    assert flips == {0, 255}  # the yellow half lands on either side
+    colour = build_batch([arr], pretrain_transform(16, color_distortion=True, gaussian_blur=True), rng)
+    assert colour.shape == (1, 16, 16, 3) and colour.dtype == torch.uint8
+    white = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
+    white[..., 0] = 0  # no blue
+    norm = Normalize()(white)
+    assert norm.shape == (2, 3, 4, 4) and norm.dtype == torch.float32
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    assert torch.allclose(norm[0, :, 0, 0], (torch.tensor([1.0, 1.0, 0.0]) - mean) / std)
+    with pytest.raises(ValueError, match="crop_scale"):
+        pretrain_transform(16, crop_scale=(0.5, 1.5))
+
+
+def test_fashion_mnist_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make setup.*dataset-fashion-mnist"):
+        find_fashion_mnist(tmp_path / "missing")
+    src = mini_fashion_mnist(tmp_path / "fm")
+    write_idx(src / "train-labels-idx1-ubyte.gz", np.zeros(5), 2051)
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz: idx magic number 2051, expected 2049"):
+        prepare_fashion_mnist(src, tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
+        read_manifest(tmp_path / "never")
