@@ -7,8 +7,11 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONPATH := $(CURDIR)
+# DVC runs `python -m stages.<name>`: the project's .venv must come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+UI_PORT ?= 5000
 
-.PHONY: help setup repro test test-fast lint format bench clean
+.PHONY: help setup repro params test test-fast lint format bench ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -18,8 +21,14 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh scripts/install_system
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and install the Debian packages
 
-repro: $(STAMP) ## run the whole DVC chain on the built-in demo data
-	$(VENV)/bin/dvc repro
+repro: $(STAMP) ## run the whole DVC chain on the built-in demo data (dvc repro)
+	dvc repro
+
+params: $(STAMP) ## recompose params.yaml from params/ (what `dvc exp run` does) after editing params/
+	$(PY) scripts/compose_params.py
+
+ui: $(STAMP) ## serve the MLflow UI for this project's store on http://127.0.0.1:$(UI_PORT)
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -q
@@ -38,6 +47,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 bench: $(STAMP) ## run the benchmarks (medians printed; numbers quoted in README)
 	$(PY) benchmarks/bench_collator.py
 	$(PY) benchmarks/bench_pretrain_step.py
+	$(PY) benchmarks/bench_data.py
 
 clean: ## remove caches (keeps .venv, data and mlflow.db)
 	rm -rf .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The MLOps layer: params schemas, run context, MLflow tracking, outputs and the stage entry point."""

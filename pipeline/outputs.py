@@ -1,0 +1,69 @@
+"""Stage outputs: metrics JSON, per-step CSV for DVC plots, PNG plots for people and MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+class StepCSV:
+    """Appends one row per step; rows at or after ``truncate_from`` are dropped first (resumed runs)."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str], truncate_from: int | None = None):
+        self.path, self.columns = Path(path), list(columns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if truncate_from is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < truncate_from]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: Mapping) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns).writerow({k: row[k] for k in self.columns})
+
+    def read(self) -> list[dict]:
+        with open(self.path, newline="") as f:
+            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def plot_series(rows: Sequence[Mapping], x: str, ys: Sequence[str], path: str | Path, title: str) -> Path:
+    """One panel per series against ``x``, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.2), squeeze=False)
+    xs = [r[x] for r in rows]
+    for ax, y in zip(axes[0], ys, strict=True):
+        ax.plot(xs, [r[y] for r in rows], lw=1.2)
+        ax.set_xlabel(x)
+        ax.set_title(y)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,179 @@
+"""The params.yaml sections and their schemas. Stages parse only the sections they depend on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from ijepa.models.registry import list_models, preset
+
+from .schema import ParamError, fraction_range, non_negative, ordered_positive, parse, positive, spec
+
+
+@dataclass(frozen=True)
+class SourceParams:
+    kind: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    dir: str | None = None  # fashion_mnist: folder of the idx files (None: where `make setup` puts them)
+    train_dir: str | None = None  # image_folder: <class>/<image> tree
+    test_dir: str | None = None  # image_folder: optional held-out tree (ImageNet val)
+
+    def validate(self):
+        if self.kind == "image_folder" and not self.train_dir:
+            yield "train_dir", "is required when source.kind is image_folder"
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    source: SourceParams
+    val_fraction: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
+    max_per_class: int | None = spec(None, positive, "be > 0 (or null for all)")
+    test_max_per_class: int | None = spec(None, positive, "be > 0 (or null for all)")
+    shard_size: int = spec(1000, positive, "be > 0")
+    workers: int = spec(2, positive, "be > 0")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    crop_size: int = spec(224, positive, "be > 0")
+    patch_size: int = spec(16, positive, "be > 0")
+    crop_scale: tuple[float, float] = spec((0.3, 1.0), fraction_range, "satisfy 0 < min <= max <= 1")
+    horizontal_flip: bool = False
+    color_distortion: bool = False
+    color_jitter: float = spec(0.0, non_negative, "be >= 0")
+    gaussian_blur: bool = False
+    num_workers: int = spec(2, non_negative, "be >= 0")
+    shuffle_buffer: int = spec(1000, positive, "be > 0")
+
+    def validate(self):
+        if self.crop_size % self.patch_size:
+            yield "crop_size", f"must be divisible by data.patch_size={self.patch_size}, got {self.crop_size}"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name: str = spec("vit_base", lambda n: n in list_models(), f"be one of {list_models()}")
+    depth: int | None = spec(None, positive, "be > 0 (or null for the preset's depth)")
+    pred_depth: int = spec(6, positive, "be > 0")
+    pred_emb_dim: int = spec(384, positive, "be > 0")
+
+    def validate(self):
+        heads = preset(self.name)["num_heads"]
+        if self.pred_emb_dim % heads:
+            yield "pred_emb_dim", f"must be divisible by {self.name}'s {heads} heads, got {self.pred_emb_dim}"
+
+    def overrides(self) -> dict:
+        return {} if self.depth is None else {"depth": self.depth}
+
+
+@dataclass(frozen=True)
+class MaskParams:
+    enc_mask_scale: tuple[float, float] = spec((0.85, 1.0), fraction_range, "satisfy 0 < min <= max <= 1")
+    pred_mask_scale: tuple[float, float] = spec((0.15, 0.2), fraction_range, "satisfy 0 < min <= max <= 1")
+    aspect_ratio: tuple[float, float] = spec((0.75, 1.5), ordered_positive, "satisfy 0 < min <= max")
+    nenc: int = spec(1, positive, "be > 0")
+    npred: int = spec(4, positive, "be > 0")
+    min_keep: int = spec(10, non_negative, "be >= 0")
+    allow_overlap: bool = False
+
+
+@dataclass(frozen=True)
+class OptimParams:
+    warmup: float = spec(40.0, non_negative, "be >= 0 (epochs)")
+    start_lr: float = spec(2e-4, non_negative, "be >= 0")
+    lr: float = spec(1e-3, positive, "be > 0")
+    final_lr: float = spec(1e-6, non_negative, "be >= 0")
+    weight_decay: float = spec(0.04, non_negative, "be >= 0")
+    final_weight_decay: float = spec(0.4, non_negative, "be >= 0")
+    ema: tuple[float, float] = spec((0.996, 1.0), lambda e: 0 <= e[0] <= e[1] <= 1, "satisfy 0 <= start <= end <= 1")
+    ipe_scale: float = spec(1.0, positive, "be > 0")
+    bf16: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    epochs: int = spec(300, positive, "be > 0")
+    batch_size: int = spec(128, positive, "be > 0 (per rank)")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    save_every_epochs: int = spec(0, non_negative, "be >= 0")
+
+
+@dataclass(frozen=True)
+class LauncherParams:
+    kind: Literal["local", "slurm"] = "local"
+    nodes: int = spec(1, positive, "be > 0")
+    tasks_per_node: int = spec(1, positive, "be > 0")
+    gpus_per_node: int = spec(0, non_negative, "be >= 0")
+    cpus_per_task: int = spec(2, positive, "be > 0")
+    mem_gb: int = spec(16, positive, "be > 0")
+    time_min: int = spec(60, positive, "be > 0 (minutes)")
+    partition: str | None = None
+    account: str | None = None
+    max_requeues: int = spec(20, non_negative, "be >= 0")
+    folder: str = "outputs/submitit"
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str = spec("ijepa", lambda s: bool(s.strip()), "be a non-empty name")
+    enabled: bool = True
+
+
+SECTIONS = {
+    "prepare": PrepareParams,
+    "data": DataParams,
+    "model": ModelParams,
+    "mask": MaskParams,
+    "optim": OptimParams,
+    "pretrain": PretrainParams,
+    "launcher": LauncherParams,
+    "tracking": TrackingParams,
+}
+
+
+def load_params(path: str | Path) -> dict:
+    """Read params.yaml (a clear error naming the file when it is missing or not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ParamError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def section(params: dict, name: str):
+    """Parse and validate one section (``seed`` is an int >= 0)."""
+    if name not in params:
+        raise ParamError(f"{name}: section missing from params.yaml")
+    if name == "seed":
+        seed = params["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ParamError(f"seed: must be an integer >= 0, got {seed!r}")
+        return seed
+    return parse(SECTIONS[name], params[name], name)
+
+
+def check_mask_geometry(mask: MaskParams, data: DataParams) -> None:
+    """Masks that cannot be drawn on the token grid are a params error naming ``mask``."""
+    from ijepa.masks import MultiBlockMaskCollator
+
+    try:
+        MultiBlockMaskCollator(
+            data.crop_size,
+            data.patch_size,
+            enc_mask_scale=mask.enc_mask_scale,
+            pred_mask_scale=mask.pred_mask_scale,
+            aspect_ratio=mask.aspect_ratio,
+            nenc=mask.nenc,
+            npred=mask.npred,
+            min_keep=mask.min_keep,
+            allow_overlap=mask.allow_overlap,
+        )
+    except ValueError as e:
+        raise ParamError(f"mask: {e}") from e

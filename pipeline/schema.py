@@ -1,0 +1,113 @@
+"""A small typed schema for params sections: dataclasses whose fields carry checks.
+
+``parse(cls, data, "pretrain")`` builds a frozen dataclass from a params dict and reports the first
+problem with its full key path: an unknown key (typos never fall back to defaults), a missing key (the
+dataclass defaults document values and serve programmatic use; params files must set every key), a wrong
+type or a value out of range. Ints are accepted where floats are expected; nothing else is coerced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, get_args, get_origin
+
+
+class ParamError(ValueError):
+    """A params problem; the message starts with the offending key."""
+
+
+def spec(default: Any = dataclasses.MISSING, check: Callable[[Any], bool] | None = None, why: str = "") -> Any:
+    """A dataclass field with a value check; ``why`` completes "must ..." in the error message."""
+    meta = {"check": check, "why": why}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ParamError as e:
+                errors.append(str(e))
+        raise ParamError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ParamError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ParamError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if dataclasses.is_dataclass(tp):
+        return parse(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ParamError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"schema type {tp} of {key} is not supported")
+
+
+def parse(cls: type, data: Any, prefix: str) -> Any:
+    """Build ``cls`` from ``data``, checking keys, types and ranges (errors name ``prefix.key``)."""
+    if not isinstance(data, Mapping):
+        raise ParamError(f"{prefix}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ParamError(f"{prefix}.{unknown[0]}: unknown key (valid keys: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in data:  # params.yaml is composed in full: a missing key is a broken file, never a default
+            raise ParamError(f"{key}: missing (every key must be set; see params/ for the defaults)")
+        value = _convert(data[name], hints[name], key)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ParamError(f"{key}: must {f.metadata.get('why') or 'pass its check'}, got {value!r}")
+        values[name] = value
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        for name, message in validate():
+            raise ParamError(f"{prefix}.{name}: {message}")
+    return obj
+
+
+def positive(x) -> bool:
+    return x > 0
+
+
+def non_negative(x) -> bool:
+    return x >= 0
+
+
+def fraction_range(x) -> bool:
+    return 0 < x[0] <= x[1] <= 1
+
+
+def ordered_positive(x) -> bool:
+    return 0 < x[0] <= x[1]

@@ -1,0 +1,56 @@
+"""The one entry point every stage module uses: read params, validate, track, run, report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .context import StageContext, seed_everything
+from .params import load_params, section
+from .schema import ParamError
+from .tracking import TrackingError, make_tracker
+
+RunFn = Callable[[dict, StageContext, object], dict]
+
+
+def run_stage(
+    name: str, run: RunFn, sections: Sequence[str], *, root: str | Path | None = None, params: dict | None = None
+) -> dict:
+    """Validate the stage's params sections, open tracking (failing early if the store is unusable), call
+    ``run(params, ctx, tracker)`` and log its metrics.
+
+    Args:
+        name: stage name (MLflow tag, output names).
+        run: the stage body; receives the whole params dict (it parses the sections it needs).
+        sections: params sections the stage depends on (validated before any work, logged to MLflow).
+        root: working directory (default: cwd); params: use this dict instead of ``root/params.yaml``.
+    Returns:
+        the stage's metrics dict.
+    """
+    ctx = StageContext.from_env(name, root)
+    params = params if params is not None else load_params(ctx.root / "params.yaml")
+    for s in sections:
+        section(params, s)
+    tracking = section(params, "tracking")
+    subset = {s: params[s] for s in sections}
+    seed_everything(section(params, "seed") if "seed" in params else 0)
+    t0 = time.perf_counter()
+    with make_tracker(
+        ctx, enabled=tracking.enabled, experiment=tracking.experiment, params=subset, all_params=params
+    ) as tracker:
+        metrics = run(params, ctx, tracker)
+        metrics = {**metrics, "stage_seconds": round(time.perf_counter() - t0, 2)}
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+    return metrics
+
+
+def main(name: str, run: RunFn, sections: Sequence[str]) -> None:
+    """CLI wrapper: known errors become one clear line on stderr and exit code 2."""
+    try:
+        metrics = run_stage(name, run, sections)
+    except (ParamError, TrackingError, FileNotFoundError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{name}: done: {metrics}")

@@ -1,0 +1,48 @@
+"""prepare: an ImageFolder tree or Fashion-MNIST -> data/shards/<split>/shard-*.tar + manifest.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ijepa.data import find_fashion_mnist, prepare_fashion_mnist, prepare_image_folder
+from pipeline.outputs import write_json
+from pipeline.params import section
+from pipeline.stage import main
+
+SECTIONS = ("seed", "prepare", "tracking")
+OUT = Path("data/shards")
+
+
+def _path(root: Path, p: str | None) -> Path | None:
+    return None if p is None else (root / p if not Path(p).is_absolute() else Path(p))
+
+
+def run(params: dict, ctx, tracker) -> dict:
+    p, seed = section(params, "prepare"), section(params, "seed")
+    common = dict(
+        val_fraction=p.val_fraction,
+        max_per_class=p.max_per_class,
+        seed=seed,
+        shard_size=p.shard_size,
+        workers=p.workers,
+    )
+    if p.source.kind == "fashion_mnist":
+        src = find_fashion_mnist(_path(ctx.root, p.source.dir), project_root=ctx.root)
+        manifest = prepare_fashion_mnist(src, ctx.root / OUT, test_max_per_class=p.test_max_per_class, **common)
+    else:
+        manifest = prepare_image_folder(
+            _path(ctx.root, p.source.train_dir), ctx.root / OUT, test_dir=_path(ctx.root, p.source.test_dir), **common
+        )
+    metrics = {f"{split}_images": info["count"] for split, info in manifest["splits"].items()}
+    metrics |= {
+        "classes": len(manifest["classes"]),
+        "skipped": len(manifest["skipped"]),
+        "warnings": len(manifest["warnings"]),
+    }
+    write_json(ctx.root / "metrics/prepare.json", metrics)
+    tracker.log_artifact(ctx.root / OUT / "manifest.json", "data")
+    return metrics
+
+
+if __name__ == "__main__":
+    main("prepare", run, SECTIONS)

@@ -1,0 +1,171 @@
+"""pretrain: I-JEPA on data/shards/train -> models/pretrain/jepa-latest.pth.tar, loss/lr/EMA curves.
+
+An interrupted run resumes from the latest checkpoint on the next ``dvc repro`` (the output is persistent);
+a checkpoint written under different params is set aside, never resumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ijepa.checkpoint import load_checkpoint_meta
+from ijepa.data import pretrain_loader, pretrain_transform, read_manifest, shard_urls
+from ijepa.data.loaders import Normalize
+from ijepa.device import pick_device
+from ijepa.masks import MultiBlockMaskCollator
+from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
+from pipeline.context import params_hash
+from pipeline.outputs import StepCSV, plot_series, write_json
+from pipeline.params import ParamError, check_mask_geometry, section
+from pipeline.stage import main
+
+SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "tracking")
+SHARDS, OUT = Path("data/shards"), Path("models/pretrain")
+COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "k_enc", "k_pred"]
+
+
+def _resume_step(out: Path, phash: str) -> int:
+    latest = out / "jepa-latest.pth.tar"
+    if not latest.exists():
+        return 0
+    meta = load_checkpoint_meta(latest)
+    if meta.get("params", {}).get("params_hash") == phash:
+        return int(meta["step"])
+    stale = out.with_name(out.name + f".stale-{int(time.time())}")
+    shutil.move(out, stale)  # different params: keep it for inspection, never resume from it
+    print(f"pretrain: {latest} was trained with other params; moved to {stale}, starting fresh")
+    return 0
+
+
+def run(params: dict, ctx, tracker) -> dict:
+    data, model, mask = section(params, "data"), section(params, "model"), section(params, "mask")
+    optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
+    check_mask_geometry(mask, data)
+    n_train = read_manifest(ctx.root / SHARDS)["splits"]["train"]["count"]
+    ipe = n_train // (pre.batch_size * ctx.world_size)
+    if ipe < 1:
+        raise ParamError(
+            f"pretrain.batch_size: {pre.batch_size} x {ctx.world_size} ranks exceeds the {n_train} "
+            "training images: not one full batch per epoch"
+        )
+    urls = shard_urls(ctx.root / SHARDS, "train")
+    device = pick_device(pre.device)
+    phash = params_hash({s: params[s] for s in SECTIONS if s != "tracking"})
+    out = ctx.root / OUT
+    start = _resume_step(out, phash)
+    collator = MultiBlockMaskCollator(
+        data.crop_size,
+        data.patch_size,
+        enc_mask_scale=mask.enc_mask_scale,
+        pred_mask_scale=mask.pred_mask_scale,
+        aspect_ratio=mask.aspect_ratio,
+        nenc=mask.nenc,
+        npred=mask.npred,
+        min_keep=mask.min_keep,
+        allow_overlap=mask.allow_overlap,
+        seed=seed,
+        rank=ctx.rank,
+    )
+    transform = pretrain_transform(
+        data.crop_size,
+        crop_scale=data.crop_scale,
+        horizontal_flip=data.horizontal_flip,
+        color_distortion=data.color_distortion,
+        color_jitter=data.color_jitter,
+        gaussian_blur=data.gaussian_blur,
+    )
+    normalize = Normalize()
+
+    def make_batches(epoch: int, start_step: int):
+        collator.set_start_step(start_step)
+        loader = pretrain_loader(
+            urls,
+            batch_size=pre.batch_size,
+            collator=collator,
+            transform=transform,
+            batches_per_epoch=ipe,
+            epoch=epoch,
+            seed=seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer,
+        )
+        for (imgs, _), masks_enc, masks_pred in loader:
+            yield normalize(imgs, device), masks_enc, masks_pred
+
+    steps_csv = StepCSV(ctx.root / "metrics/pretrain_steps.csv", COLUMNS, truncate_from=start)
+    bar = tqdm(total=ipe * pre.epochs, initial=start, desc="pretrain", disable=not ctx.is_main, mininterval=5)
+
+    def on_step(log) -> None:
+        row = {k: getattr(log, k) for k in COLUMNS}
+        if ctx.is_main:
+            steps_csv.write(row)
+            tracker.log_metrics({k: row[k] for k in COLUMNS[2:]}, step=log.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{log.loss:.4f}", epoch=log.epoch)
+
+    t0 = time.perf_counter()
+    result = pretrain(
+        model=ModelSpec(
+            model.name, data.patch_size, data.crop_size, 3, model.pred_depth, model.pred_emb_dim, model.overrides()
+        ),
+        optim=OptimSpec(
+            pre.epochs,
+            optim.warmup,
+            optim.start_lr,
+            optim.lr,
+            optim.final_lr,
+            optim.weight_decay,
+            optim.final_weight_decay,
+            optim.ema,
+            optim.ipe_scale,
+            optim.bf16,
+        ),
+        ipe=ipe,
+        batch_size=pre.batch_size,
+        make_batches=make_batches,
+        out_dir=out,
+        device=device,
+        seed=seed,
+        save_every_epochs=pre.save_every_epochs,
+        world_size=ctx.world_size,
+        is_main=ctx.is_main,
+        on_step=on_step,
+        on_epoch=lambda e, loss: tracker.log_metrics({"epoch_loss": loss}, step=e),
+        params={"params_hash": phash, "sections": {s: params[s] for s in SECTIONS if s != "tracking"}},
+    )
+    bar.close()
+    seconds = time.perf_counter() - t0
+    rows = steps_csv.read()
+    first = [r["loss"] for r in rows if r["epoch"] == 0]
+    last = [r["loss"] for r in rows if r["epoch"] == pre.epochs - 1]
+    metrics = {
+        "final_loss": round(sum(last) / max(len(last), 1), 5),
+        "first_epoch_loss": round(sum(first) / max(len(first), 1), 5),
+        "steps": result["step"],
+        "epochs": result["epoch"],
+        "images_per_second": round((result["step"] - start) * pre.batch_size * ctx.world_size / seconds, 1),
+        "ipe": ipe,
+    }
+    if ctx.is_main:
+        write_json(ctx.root / "metrics/pretrain.json", metrics)
+        png = plot_series(
+            rows,
+            "step",
+            ["loss", "lr", "momentum"],
+            ctx.root / "plots/pretrain_curves.png",
+            f"I-JEPA pretraining ({model.name}, {data.crop_size}/{data.patch_size})",
+        )
+        tracker.log_artifact(png, "plots")
+        tracker.log_artifact(ctx.root / "metrics/pretrain_steps.csv", "metrics")
+        tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main("pretrain", run, SECTIONS)

@@ -1,0 +1,122 @@
+"""Params: composition from params/ equals the committed params.yaml; typed validation names the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import SECTIONS, check_mask_geometry, load_params, section
+from pipeline.schema import ParamError
+from pipeline.stage import run_stage
+from scripts.compose_params import compose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def composed(tmp_path: Path, *overrides: str) -> dict:
+    out = tmp_path / "params.yaml"
+    compose(out, list(overrides))
+    return yaml.safe_load(out.read_text())
+
+
+def test_committed_params_yaml_is_up_to_date(tmp_path):
+    compose(tmp_path / "params.yaml", [])
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text(), (
+        "params.yaml is stale: run `make params` after editing params/"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model=vit_small"],
+        ["model=vit_giant"],
+        ["experiment=debug"],
+        ["experiment=in1k_vith14_ep300"],
+        ["mask=paper", "data=imagenet_224_16", "optim=paper"],
+        ["launcher=slurm", "launcher.nodes=4"],
+    ],
+)
+def test_every_group_option_composes_and_validates(tmp_path, overrides):
+    params = composed(tmp_path, *overrides)
+    for name in ["seed", *SECTIONS]:
+        section(params, name)
+    check_mask_geometry(section(params, "mask"), section(params, "data"))
+
+
+def test_official_overlay_matches_the_official_config(tmp_path):
+    p = composed(tmp_path, "experiment=in1k_vith14_ep300")
+    assert p["model"] == {"name": "vit_huge", "depth": None, "pred_depth": 12, "pred_emb_dim": 384}
+    assert (p["data"]["crop_size"], p["data"]["patch_size"]) == (224, 14)
+    assert p["mask"]["min_keep"] == 10 and p["optim"]["warmup"] == 40 and p["optim"]["ema"] == [0.996, 1.0]
+    assert p["pretrain"]["batch_size"] * p["launcher"]["nodes"] * p["launcher"]["tasks_per_node"] == 2048
+
+
+BASE = load_params(ROOT / "params.yaml")
+
+
+def broken(path: str, value):
+    p = copy.deepcopy(BASE)
+    *parents, leaf = path.split(".")
+    node = p
+    for k in parents:
+        node = node[k]
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return p
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("optim.lrr", 0.1, r"optim\.lrr: unknown key \(valid keys: warmup, start_lr, lr"),
+        ("optim.lr", "fast", r"optim\.lr: expected a number, got str 'fast'"),
+        ("optim.lr", -0.001, r"optim\.lr: must be > 0, got -0\.001"),
+        ("mask.pred_mask_scale", [0.15, 1.2], r"mask\.pred_mask_scale: must satisfy 0 < min <= max <= 1"),
+        ("mask.npred", 2.5, r"mask\.npred: expected an integer, got float 2\.5"),
+        ("data.patch_size", 16, r"data\.crop_size: must be divisible by data\.patch_size=16, got 28"),
+        ("data.horizontal_flip", 1, r"data\.horizontal_flip: expected bool, got int 1"),
+        ("model.name", "vit_mega", r"model\.name: must be one of \['vit_tiny'"),
+        ("model.pred_emb_dim", 100, r"model\.pred_emb_dim: must be divisible by vit_tiny's 3 heads"),
+        ("pretrain.device", "tpu", r"pretrain\.device: must be one of \['auto', 'cuda', 'mps', 'cpu'\]"),
+        ("pretrain.epochs", KeyError, r"pretrain\.epochs: missing \(every key must be set"),
+        ("prepare.source.kind", "imagenet", r"prepare\.source\.kind: must be one of"),
+        ("optim.ema", [0.996], r"optim\.ema: expected a list of 2 values"),
+        ("seed", -1, r"seed: must be an integer >= 0"),
+    ],
+)
+def test_validation_names_the_key(path, value, message):
+    params = broken(path, value)
+    name = path.split(".")[0]
+    with pytest.raises(ParamError, match=message):
+        section(params, name)
+
+
+def test_missing_required_and_impossible_masks():
+    p = copy.deepcopy(BASE)
+    del p["prepare"]["source"]
+    with pytest.raises(ParamError, match=r"prepare\.source: missing"):
+        section(p, "prepare")
+    with pytest.raises(ParamError, match="pretrain: section missing"):
+        section({"seed": 0}, "pretrain")
+    p = broken("mask.min_keep", 12)
+    with pytest.raises(ParamError, match=r"mask: pred_mask_scale=\[0\.15, 0\.2\] on a 7x7 patch grid"):
+        check_mask_geometry(section(p, "mask"), section(p, "data"))
+    p = broken("prepare.source.kind", "image_folder")
+    with pytest.raises(ParamError, match=r"prepare\.source\.train_dir: is required"):
+        section(p, "prepare")
+
+
+def test_stage_validates_before_any_work(tmp_path):
+    from stages import pretrain
+
+    params = broken("optim.lr", -1.0)
+    with pytest.raises(ParamError, match=r"optim\.lr"):
+        run_stage("pretrain", pretrain.run, pretrain.SECTIONS, root=tmp_path, params=params)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no tracking store created

@@ -1,0 +1,165 @@
+"""The real thing in a temporary git + DVC repository: dvc repro, dvc exp run -S, a queued sweep, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ijepa import load_encoder
+
+from .test_data import mini_fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+TEST_OVERLAY = """# @package _global_
+# The debug overlay on a miniature Fashion-MNIST made by the test.
+defaults:
+  - debug
+prepare:
+  source:
+    dir: fixtures/fm
+"""
+
+
+def sh(repo: Path, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    full_env = {
+        **base,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        **(env or {}),
+    }
+    r = subprocess.run(cmd, cwd=repo, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A copy of the project's tracked files as a fresh git repo whose default params are the debug overlay."""
+    repo = tmp_path_factory.mktemp("project")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, repo / f)
+    mini_fashion_mnist(repo / "fixtures" / "fm", n_train=120, n_test=40)
+    (repo / "params/experiment/test.yaml").write_text(TEST_OVERLAY)
+    cfg = repo / "params/config.yaml"
+    cfg.write_text(cfg.read_text().replace("  - experiment: null", "  - experiment: test"))
+    sh(repo, sys.executable, "scripts/compose_params.py")
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "test project")
+    return repo
+
+
+def mlflow_runs(repo: Path, filter_string: str = ""):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("ijepa")
+    return client, exp, client.search_runs([exp.experiment_id], filter_string=filter_string)
+
+
+def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
+    r = sh(repo, "dvc", "repro")
+    assert "Running stage 'prepare'" in r.stdout and "Running stage 'pretrain'" in r.stdout
+    prep = json.loads((repo / "metrics/prepare.json").read_text())
+    assert prep["train_images"] == 110 and prep["val_images"] == 10 and prep["test_images"] == 40
+    pre = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert pre["steps"] == 110 // 16 and pre["epochs"] == 1
+    enc = load_encoder(repo / "models/pretrain/jepa-latest.pth.tar")
+    assert enc.depth == 1 and enc.patch_size == 4
+    assert (repo / "plots/pretrain_curves.png").stat().st_size > 1000
+    t0 = time.perf_counter()
+    again = sh(repo, "dvc", "repro")
+    assert "Data and pipelines are up to date" in again.stdout and time.perf_counter() - t0 < 20
+
+    client, exp, runs = mlflow_runs(repo)
+    assert exp.artifact_location == (repo / "mlruns").as_uri()
+    by_stage = {r.data.tags["ijepa.stage"]: r for r in runs}
+    assert set(by_stage) == {"prepare", "pretrain"}
+    assert by_stage["prepare"].data.tags["ijepa.pipeline_run"] == by_stage["pretrain"].data.tags["ijepa.pipeline_run"]
+    pr = by_stage["pretrain"]
+    assert pr.data.params["pretrain.batch_size"] == "16" and pr.data.tags["git.commit"]
+    assert len(client.get_metric_history(pr.info.run_id, "loss")) == pre["steps"]
+    artifacts = {a.path for a in client.list_artifacts(pr.info.run_id, "plots")}
+    assert artifacts == {"plots/pretrain_curves.png"}
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
+    assert "metrics/pretrain.json" in json.dumps(shown)
+
+
+def test_exp_run_with_set_params(repo):
+    sh(repo, "dvc", "exp", "run", "-n", "small-ep2", "-S", "model=vit_small", "-S", "pretrain.epochs=2")
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "small-ep2" in text and '"name": "vit_small"' in text.replace("'", '"')
+    _, _, runs = mlflow_runs(repo, "tags.`dvc.exp_name` = 'small-ep2'")
+    stages = {r.data.tags["ijepa.stage"]: r for r in runs}
+    assert "pretrain" in stages and "prepare" not in stages  # prepare's params did not change: not rerun
+    assert stages["pretrain"].data.params["model.name"] == "vit_small"
+    assert stages["pretrain"].data.metrics["steps"] == 2 * (110 // 16)
+
+
+def test_queued_sweep_keeps_its_mlflow_artifacts(repo):
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", "optim.lr=0.001,0.002")
+    sh(repo, "dvc", "queue", "start")
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        status = sh(repo, "dvc", "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") >= 2, status
+    _, _, runs = mlflow_runs(repo, "tags.`ijepa.stage` = 'pretrain'")
+    lrs = {r.data.params.get("optim.lr") for r in runs}
+    assert {"0.001", "0.002"} <= lrs
+    for r in runs:
+        if r.data.params.get("optim.lr") in ("0.001", "0.002"):
+            assert r.info.artifact_uri.startswith((repo / "mlruns").as_uri())  # not in DVC's deleted temp dir
+            png = Path(r.info.artifact_uri.removeprefix("file://")) / "plots/pretrain_curves.png"
+            assert png.is_file()
+
+
+def test_bad_params_and_unreachable_store_fail_before_work(repo, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(repo, work, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", ".dvc"))
+    shutil.rmtree(work / "models", ignore_errors=True)
+    params = (work / "params.yaml").read_text()
+    (work / "params.yaml").write_text(params.replace("lr: 0.0005", "lr: -0.0005"))
+    r = sh(work, sys.executable, "-m", "stages.pretrain", check=False)
+    assert r.returncode == 2 and "optim.lr: must be > 0, got -0.0005" in r.stderr
+    (work / "params.yaml").write_text(params)
+    (tmp_path / "a_file").write_text("not a directory")
+    r = sh(
+        work,
+        sys.executable,
+        "-m",
+        "stages.pretrain",
+        check=False,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/a_file/mlflow.db"},
+    )
+    assert r.returncode == 2 and "MLflow tracking store sqlite:///" in r.stderr and "unreachable" in r.stderr
+    assert not (work / "models/pretrain").exists()
