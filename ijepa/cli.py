@@ -1,4 +1,4 @@
-"""``ijepa`` command line for people outside the pipeline: inspect checkpoints, list presets."""
+"""``ijepa`` command line for people outside the pipeline: classify, search, inspect checkpoints, list presets."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .checkpoint import META_KEY, MODEL_KEYS, CheckpointError, build_from_checkpoint
 from .models.registry import list_models, preset
@@ -37,6 +38,56 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _classify(args: argparse.Namespace) -> int:
+    import csv
+
+    from .inference import annotate, classify_folder
+
+    rows, _ = classify_folder(args.checkpoint, args.input, batch_size=args.batch_size, device=args.device)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "status", "prediction", "probability", "topk"])
+        w.writeheader()
+        w.writerows(rows)
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"ijepa classify: {ok} images classified, {len(rows) - ok} skipped -> {out}")
+    if args.annotate:
+        print(f"ijepa classify: {annotate(rows, args.annotate, args.input)} annotated images -> {args.annotate}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_encoder
+    from .device import pick_device
+    from .eval.features import pooled_features
+    from .eval.search import SearchIndex
+    from .finetune import Preprocess
+    from .inference import preprocess_batch, read_bgr
+
+    index = SearchIndex.load(args.index)
+    meta = index.meta
+    device = pick_device(args.device)
+    encoder = load_encoder(args.checkpoint or meta["checkpoint"], which=meta["which"]).to(device)
+    arr = read_bgr(Path(args.query)) if Path(args.query).is_file() else None
+    if arr is None:
+        raise FileNotFoundError(f"query {args.query} is not a readable image file")
+    with torch.no_grad():
+        x = preprocess_batch([arr], Preprocess(meta["crop_size"], meta["resize_size"]), device)
+        q = pooled_features(encoder, x)[meta["pooling"]]
+    scores, idx = index.search(q, args.k)
+    classes = meta["classes"]
+    for rank, (s, i) in enumerate(zip(scores[0].tolist(), idx[0].tolist(), strict=True), start=1):
+        print(
+            json.dumps(
+                {"rank": rank, "path": index.sources[i], "score": round(s, 5), "class": classes[int(index.labels[i])]}
+            )
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ijepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
     p = sub.add_parser("models", help="list the encoder presets")
     p.set_defaults(func=_models)
+    p = sub.add_parser("classify", help="classify a folder of images with a finetuned checkpoint -> CSV")
+    p.add_argument("--checkpoint", required=True, help="models/finetune/classifier.pth (from the finetune stage)")
+    p.add_argument("--input", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    p.add_argument("--annotate", default=None, help="also write annotated copies of the images into this folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=_classify)
+    p = sub.add_parser("search", help="find the gallery images most similar to a query image")
+    p.add_argument("--index", default="models/search/index.pt", help="index written by the search stage")
+    p.add_argument("--query", required=True, help="an image file")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--checkpoint", default=None, help="override the encoder checkpoint recorded in the index")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=_search)
     return parser
 
 
@@ -54,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as e:
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"ijepa: error: {e}", file=sys.stderr)
         return 2
 

@@ -177,3 +177,77 @@ def check_mask_geometry(mask: MaskParams, data: DataParams) -> None:
         )
     except ValueError as e:
         raise ParamError(f"mask: {e}") from e
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    checkpoint: str = "models/pretrain/jepa-latest.pth.tar"  # ours, or an official .pth.tar
+    which: Literal["target_encoder", "encoder"] = "target_encoder"
+    crop_size: int | None = spec(None, positive, "be > 0 (or null for the checkpoint's image size)")
+    resize_size: int | None = spec(None, positive, "be > 0 (or null for the crop size)")
+    batch_size: int = spec(256, positive, "be > 0")
+    num_workers: int = spec(1, non_negative, "be >= 0")
+    pixel_size: int = spec(16, positive, "be > 0")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+
+@dataclass(frozen=True)
+class LinprobeParams:
+    lrs: tuple[float, ...] = spec((0.001, 0.01, 0.1), lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    poolings: tuple[str, ...] = spec(
+        ("avg_last", "avg_last4"),
+        lambda v: len(v) > 0 and set(v) <= {"avg_last", "avg_last4"},
+        "be a non-empty subset of [avg_last, avg_last4]",
+    )
+    batchnorm: tuple[bool, ...] = spec((False, True), lambda v: len(v) > 0, "be a non-empty list")
+    epochs: int = spec(100, positive, "be > 0")
+    batch_size: int = spec(256, positive, "be > 0")
+    weight_decay: float = spec(0.0, non_negative, "be >= 0")
+
+
+@dataclass(frozen=True)
+class KnnParams:
+    ks: tuple[int, ...] = spec((10, 20, 100, 200), lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    temperature: float = spec(0.07, positive, "be > 0")
+    pooling: Literal["avg_last", "avg_last4"] = "avg_last"
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    pooling: Literal["avg_last", "avg_last4"] = "avg_last"
+    backend: Literal["exact", "faiss"] = "exact"
+    k: int = spec(5, positive, "be > 0")
+    grid_queries: int = spec(8, positive, "be > 0")
+
+
+SECTIONS |= {"extract": ExtractParams, "linprobe": LinprobeParams, "knn": KnnParams, "search": SearchParams}
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    checkpoint: str = "models/pretrain/jepa-latest.pth.tar"
+    which: Literal["target_encoder", "encoder"] = "target_encoder"
+    epochs: int = spec(50, positive, "be > 0")
+    batch_size: int = spec(64, positive, "be > 0")
+    accum_steps: int = spec(1, positive, "be > 0")
+    blr: float = spec(1e-3, positive, "be > 0")
+    min_lr: float = spec(1e-6, non_negative, "be >= 0")
+    warmup_epochs: float = spec(5.0, non_negative, "be >= 0")
+    weight_decay: float = spec(0.05, non_negative, "be >= 0")
+    layer_decay: float = spec(0.75, lambda x: 0 < x <= 1, "be in (0, 1]")
+    drop_path: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
+    label_smoothing: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
+    mixup: float = spec(0.8, non_negative, "be >= 0 (0 = off)")
+    cutmix: float = spec(1.0, non_negative, "be >= 0 (0 = off)")
+    rand_augment: int = spec(9, lambda x: 0 <= x <= 30, "be in [0, 30] (0 = off)")
+    crop_scale: tuple[float, float] = spec((0.08, 1.0), fraction_range, "satisfy 0 < min <= max <= 1")
+    horizontal_flip: bool = True
+    resize_size: int | None = spec(None, positive, "be > 0 (or null for the crop size)")
+    model_ema: bool = False
+    ema_decay: float = spec(0.9999, lambda x: 0 < x < 1, "be in (0, 1)")
+    bf16: bool = True
+    num_workers: int = spec(1, non_negative, "be >= 0")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+
+SECTIONS["finetune"] = FinetuneParams

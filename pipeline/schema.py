@@ -47,6 +47,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ParamError(f"{key}: must be one of {list(args)}, got {value!r}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, list | tuple):
+            raise ParamError(f"{key}: expected a list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ParamError(f"{key}: expected a list of {len(args)} values, got {value!r}")

@@ -8,6 +8,7 @@ started from DVC's temporary queue folders keep their artifacts. ``mlflow`` is i
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,11 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)
     return out
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows letters, digits and ``_-. :/`` only: ``recall@1`` -> ``recall_at_1``."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name.replace("@", "_at_"))
 
 
 class NullTracker:
@@ -123,7 +129,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._buffer += [Metric(metric_name(k), float(v), now, step or 0) for k, v in metrics.items()]
         if len(self._buffer) >= 900:
             self.flush()
 

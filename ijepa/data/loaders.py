@@ -72,7 +72,8 @@ class PretrainTransform:
 
     RandomResizedCrop(crop_size, scale=crop_scale, ratio 3/4-4/3) with torchvision's sampling rule, optional
     horizontal flip, colour distortion (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 plus RandomGrayscale
-    0.2) and Gaussian blur (p 0.5, sigma 0.1-2). Normalisation is ``Normalize``'s job, on the batch.
+    0.2) and Gaussian blur (p 0.5, sigma 0.1-2); for finetuning, RandAugment (2 ops of magnitude
+    ``rand_augment``). Normalisation is ``Normalize``'s job, on the batch.
     Crop and flip draw from the ``random.Random`` handed in (seeded per worker by the loaders); colour and
     blur use the torch RNG (seeded per worker too).
     """
@@ -85,6 +86,7 @@ class PretrainTransform:
         color_distortion: bool = False,
         color_jitter: float = 1.0,
         gaussian_blur: bool = False,
+        rand_augment: int = 0,
     ):
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
@@ -98,6 +100,8 @@ class PretrainTransform:
             ]
         if gaussian_blur:
             extra.append(v2.RandomApply([v2.GaussianBlur(max(3, (crop_size // 10) | 1), sigma=(0.1, 2.0))], p=0.5))
+        if rand_augment:
+            extra.append(v2.RandAugment(num_ops=2, magnitude=rand_augment))  # finetuning (MAE recipe: m9)
         self._extra = v2.Compose(extra) if extra else None
 
     def crop_params(self, rng: random.Random, height: int, width: int) -> tuple[int, int, int, int]:
@@ -365,3 +369,17 @@ def eval_loader(
     return torch.utils.data.DataLoader(
         ds, batch_size=None, num_workers=num_workers, worker_init_fn=functools.partial(_seed_worker, base=0)
     )
+
+
+def read_images(urls: Sequence[str], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Fetch specific samples by key from shards: key -> (3, H, W) uint8 RGB (for pictures)."""
+    wanted, found = set(keys), {}
+    for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls])):
+        if sample["__key__"] in wanted:
+            found[sample["__key__"]] = decode_image(*_image_bytes(sample))
+            if len(found) == len(wanted):
+                break
+    missing = wanted - set(found)
+    if missing:
+        raise KeyError(f"keys not found in the shards: {sorted(missing)[:5]}")
+    return found

@@ -1,0 +1,1 @@
+"""Evaluation protocols around one feature core: linear-probe grid, k-NN, similarity search."""

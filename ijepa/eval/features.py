@@ -1,0 +1,93 @@
+"""The shared feature core: one frozen forward pass gives both of the paper's poolings.
+
+- ``avg_last``: the average of the last layer's patch tokens (after the final LayerNorm), D values;
+- ``avg_last4``: the concatenated averages of the last 4 layers' tokens (each through the final
+  LayerNorm), 4D values (the VISSL/I-JEPA "last 4 layers" probe input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..checkpoint import atomic_save
+from ..device import autocast
+from ..models.vit import VisionTransformer
+
+POOLINGS = ("avg_last", "avg_last4")
+
+
+@torch.no_grad()
+def pooled_features(encoder: VisionTransformer, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, 3, H, W) normalised images -> {"avg_last": (B, D), "avg_last4": (B, 4D)} in float32."""
+    layers = encoder.get_intermediate_layers(images, n=min(4, encoder.depth), norm=True)
+    means = [t.float().mean(dim=1) for t in layers]
+    while len(means) < 4:  # encoders shallower than 4 blocks repeat their first layer
+        means.insert(0, means[0])
+    return {"avg_last": means[-1], "avg_last4": torch.cat(means, dim=1)}
+
+
+@torch.no_grad()
+def extract_features(
+    encoders: Mapping[str, VisionTransformer],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[str]]],
+    *,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    bf16: bool = False,
+    pixel_size: int | None = None,
+    progress: str | None = None,
+    total: int | None = None,
+) -> dict[str, dict]:
+    """Run frozen encoders (and optionally a raw-pixel baseline) over one loader pass.
+
+    Args:
+        encoders: name -> encoder in eval mode on ``device``; all see the very same batches.
+        batches: (images as the loader gives them, labels (B,), keys) — e.g. ``ijepa.data.eval_loader``.
+        prepare: loader images -> model input on ``device`` (``ijepa.data.loaders.Normalize``).
+        bf16: autocast on CUDA.
+        pixel_size: also return "pixels": the normalised input average-pooled to this side, flattened.
+        progress: progress-bar label (None: no bar); total: number of batches for the bar.
+    Returns:
+        name -> {"avg_last": (N, D), "avg_last4": (N, 4D), "labels": (N,), "keys": [N]} sorted by key;
+        "pixels" -> {"pixels": (N, 3 * s * s), "labels", "keys"} when ``pixel_size`` is set.
+    """
+    feats: dict[str, dict[str, list]] = {n: {p: [] for p in POOLINGS} for n in encoders}
+    if pixel_size is not None:
+        feats["pixels"] = {"pixels": []}
+    labels, keys = [], []
+    for imgs, lbls, ks in tqdm(batches, desc=progress, total=total, disable=progress is None, mininterval=5):
+        x = prepare(imgs)
+        with autocast(device, bf16):
+            for name, enc in encoders.items():
+                for p, t in pooled_features(enc, x).items():
+                    feats[name][p].append(t.cpu())
+        if pixel_size is not None:
+            feats["pixels"]["pixels"].append(
+                F.adaptive_avg_pool2d(x.float(), min(pixel_size, x.shape[-1])).flatten(1).cpu()
+            )
+        labels.append(torch.as_tensor(lbls))
+        keys += list(ks)
+    if not keys:
+        raise ValueError("extract_features got no batches")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    idx = torch.tensor(order)
+    common = {"labels": torch.cat(labels)[idx], "keys": [keys[i] for i in order]}
+    return {n: {p: torch.cat(v)[idx] for p, v in f.items()} | common for n, f in feats.items()}
+
+
+def save_features(path: str | Path, features: dict, **meta) -> None:
+    """Atomically save a features dict plus metadata (weights-only loadable)."""
+    atomic_save({**features, "meta": meta}, path)
+
+
+def load_features(path: str | Path) -> dict:
+    """Load a features file written by ``save_features``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the extract stage first (dvc repro extract)")
+    return torch.load(path, map_location="cpu", weights_only=True)

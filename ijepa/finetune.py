@@ -1,0 +1,328 @@
+"""Full finetuning with the MAE recipe: AdamW, lr scaled by batch size, warmup then cosine, layer-wise lr
+decay, stochastic depth, MixUp/CutMix with label smoothing, real gradient accumulation, optional model EMA,
+bf16 on CUDA. Upstream's scheduler sets one lr for every group, which is why the forks could not decay
+layer-wise; here each param group carries an ``lr_scale``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
+
+from .checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
+from .device import autocast
+from .models.vit import VisionTransformer
+
+CLASSIFIER_FORMAT = "ijepa-classifier"
+
+
+class Classifier(nn.Module):
+    """Encoder -> average of the patch tokens -> LayerNorm -> Linear (I-JEPA has no class token)."""
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, num_classes) logits."""
+        return self.head(self.fc_norm(self.encoder(x).mean(dim=1)))
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for ``blocks.i``, depth + 1 for the final norms and the head."""
+    if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def param_groups_lrd(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``; no decay on biases / 1-D."""
+    depth = model.encoder.depth
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(name, depth)
+        decay = p.ndim > 1 and not name.endswith(".bias")
+        g = groups.setdefault(
+            (lid, decay),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": layer_decay ** (depth + 1 - lid),
+                "layer": lid,
+            },
+        )
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_at(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warmup from 0, then half-cosine to ``min_lr`` (per optimizer step)."""
+    if step < warmup:
+        return lr * step / max(warmup, 1)
+    p = (step - warmup) / max(total - warmup, 1)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+class MixTargets:
+    """MixUp (alpha 0.8) or CutMix (alpha 1.0), chosen per batch, then label smoothing on the soft targets."""
+
+    def __init__(self, num_classes: int, mixup: float, cutmix: float, label_smoothing: float):
+        self.num_classes, self.smoothing = num_classes, label_smoothing
+        ops = [t for a, t in ((mixup, v2.MixUp), (cutmix, v2.CutMix)) if a > 0]
+        alphas = [a for a in (mixup, cutmix) if a > 0]
+        self.mix = (
+            v2.RandomChoice([t(alpha=a, num_classes=num_classes) for t, a in zip(ops, alphas, strict=True)])
+            if ops
+            else None
+        )
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mix is not None:
+            images, soft = self.mix(images, labels)
+        else:
+            soft = F.one_hot(labels, self.num_classes).float()
+        return images, soft * (1 - self.smoothing) + self.smoothing / self.num_classes
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def accumulate_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    bf16: bool = False,
+) -> float:
+    """One optimizer step over several micro-batches of (images, soft targets): gradients of the mean loss
+    are accumulated exactly as one batch of their union would give (equal micro-batch sizes).
+
+    Returns:
+        the mean loss.
+    """
+    total = sum(len(x) for x, _ in micro_batches)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for x, t in micro_batches:
+        with autocast(device, bf16):
+            loss = soft_cross_entropy(model(x), t)
+        (loss * len(x) / total).backward()
+        loss_sum += float(loss.detach()) * len(x)
+    optimizer.step()
+    return loss_sum / total
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Model EMA of the parameters (the classifier has no buffers)."""
+    for e, m in zip(ema.parameters(), model.parameters(), strict=True):
+        e.mul_(decay).add_(m.detach(), alpha=1 - decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, *, prepare, device: torch.device, bf16: bool = False) -> dict:
+    """Top-1 / top-5 accuracy and mean loss over (images, labels, keys) batches."""
+    model.eval()
+    n = c1 = c5 = 0
+    loss = 0.0
+    for imgs, labels, _ in batches:
+        labels = torch.as_tensor(labels).to(device)
+        with autocast(device, bf16):
+            logits = model(prepare(imgs)).float()
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        c1 += int((top[:, 0] == labels).sum())
+        c5 += int((top == labels[:, None]).any(1).sum())
+        n += len(labels)
+    if n == 0:
+        raise ValueError("evaluate got no samples")
+    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a classifier's inputs go through (stored with it, so inference matches training)."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def save_classifier(
+    path: str | Path, model: Classifier, class_names: Sequence[str], preprocess: Preprocess, **info
+) -> None:
+    """Atomic save: weights, encoder architecture, class names and preprocessing (weights-only loadable)."""
+    atomic_save(
+        {
+            "format": CLASSIFIER_FORMAT,
+            "format_version": 1,
+            "model": model.state_dict(),
+            "encoder_arch": model.encoder.arch(),
+            "class_names": list(class_names),
+            "preprocess": {
+                "crop_size": preprocess.crop_size,
+                "resize_size": preprocess.resize_size,
+                "mean": list(preprocess.mean),
+                "std": list(preprocess.std),
+            },
+            "info": info,
+        },
+        path,
+    )
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, list[str], Preprocess]:
+    """Rebuild a classifier from its file alone; returns (model in eval mode, class names, preprocessing)."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != CLASSIFIER_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a finetuned classifier (format {ckpt.get('format')!r}); "
+            "pretraining checkpoints have no classification head: run the finetune stage"
+        )
+    model = Classifier(VisionTransformer(**ckpt["encoder_arch"]), len(ckpt["class_names"]))
+    load_state_strict(model, ckpt["model"], f"{path} [model]")
+    pp = ckpt["preprocess"]
+    return (
+        model.eval(),
+        list(ckpt["class_names"]),
+        Preprocess(pp["crop_size"], pp["resize_size"], tuple(pp["mean"]), tuple(pp["std"])),
+    )
+
+
+def with_drop_path(encoder: VisionTransformer, rate: float) -> VisionTransformer:
+    """A copy of ``encoder`` whose blocks use stochastic depth (rates rising linearly to ``rate``)."""
+    new = VisionTransformer(**encoder.arch(), drop_path_rate=rate)
+    new.load_state_dict(encoder.state_dict())
+    return new
+
+
+def ema_copy(model: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """The recipe; lr = blr x effective batch / 256 (MAE's rule)."""
+
+    epochs: int = 50
+    batch_size: int = 64  # per micro-batch and rank
+    accum_steps: int = 1
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    model_ema: bool = False
+    ema_decay: float = 0.9999
+    bf16: bool = True
+
+
+def train_classifier(
+    model: Classifier,
+    spec: FinetuneSpec,
+    *,
+    steps_per_epoch: int,
+    train_batches,
+    eval_batches,
+    prepare,
+    device: torch.device,
+    best_path: str | Path,
+    class_names: Sequence[str],
+    preprocess: Preprocess,
+    world_size: int = 1,
+    on_epoch=None,
+    progress=None,
+) -> dict:
+    """Finetune, evaluate on val after every epoch and keep the best checkpoint by val top-1.
+
+    Args:
+        model: ``Classifier`` on ``device`` (built with ``with_drop_path`` for stochastic depth).
+        spec: the recipe.
+        steps_per_epoch: optimizer steps per epoch (each of ``accum_steps`` micro-batches).
+        train_batches: ``epoch -> iterable of (uint8 images, labels)`` micro-batches.
+        eval_batches: ``split -> iterable of (images, labels, keys)``.
+        prepare: loader images -> normalised model input on ``device``.
+        best_path: where the best classifier is saved (atomically).
+        on_epoch: callback(epoch, {"train_loss", "lr", "val_top1", ...}); progress: callback per step.
+    Returns:
+        {"best_epoch", "val_top1", "val_top5", "lr", "history"}.
+    """
+    eff_batch = spec.batch_size * spec.accum_steps * world_size
+    lr = spec.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(
+        param_groups_lrd(model, spec.weight_decay, spec.layer_decay), lr=lr, betas=(0.9, 0.999)
+    )
+    mix = MixTargets(model.head.out_features, spec.mixup, spec.cutmix, spec.label_smoothing)
+    ema = ema_copy(model) if spec.model_ema else None
+    total, warmup = spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch)
+    step, best, history = 0, {"val_top1": -1.0}, []
+    for epoch in range(spec.epochs):
+        model.train()
+        micro, losses = [], []
+        for imgs, labels in train_batches(epoch):
+            micro.append(mix(prepare(imgs), torch.as_tensor(labels).to(device)))
+            if len(micro) < spec.accum_steps:
+                continue
+            set_lr(optimizer, lr_at(step, total=total, warmup=warmup, lr=lr, min_lr=spec.min_lr))
+            losses.append(accumulate_step(model, optimizer, micro, device=device, bf16=spec.bf16))
+            micro = []
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"finetuning loss is {losses[-1]} at step {step}")
+            if ema is not None:
+                update_ema(ema, model, spec.ema_decay)
+            step += 1
+            if progress is not None:
+                progress(losses[-1])
+        scored = evaluate(model, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16)
+        candidates = [("model", model, scored)]
+        if ema is not None:
+            candidates.append(
+                ("ema", ema, evaluate(ema, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16))
+            )
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / max(len(losses), 1),
+            "lr": optimizer.param_groups[-1]["lr"],
+            **{f"{name}_val_top1": s["top1"] for name, _, s in candidates},
+        }
+        history.append(row)
+        for name, net, s in candidates:
+            if s["top1"] > best["val_top1"]:
+                best = {"val_top1": s["top1"], "val_top5": s["top5"], "best_epoch": epoch + 1, "weights": name}
+                save_classifier(
+                    best_path, net, class_names, preprocess, epoch=epoch + 1, weights=name, val_top1=s["top1"]
+                )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+    return best | {"lr": lr, "history": history, "steps": step}

@@ -1,0 +1,79 @@
+"""extract: frozen features of train / val / test for the probes, k-NN and search.
+
+One pass per split computes three feature sets on the very same images and preprocessing: the chosen
+encoder of the checkpoint (target encoder by default, the paper's choice; our pretraining or any official
+.pth.tar), a randomly initialised encoder of the same architecture, and raw pixels (average-pooled to
+``pixel_size``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ijepa.checkpoint import load_encoder
+from ijepa.data import eval_loader, eval_transform, read_manifest, shard_urls
+from ijepa.data.loaders import Normalize
+from ijepa.device import pick_device
+from ijepa.eval.features import extract_features, save_features
+from ijepa.models.vit import VisionTransformer
+from pipeline.outputs import write_json
+from pipeline.params import section
+from pipeline.stage import main
+
+SECTIONS = ("seed", "extract", "tracking")
+SHARDS, OUT = Path("data/shards"), Path("data/features")
+
+
+def run(params: dict, ctx, tracker) -> dict:
+    p, seed = section(params, "extract"), section(params, "seed")
+    ckpt = ctx.root / p.checkpoint
+    device = pick_device(p.device)
+    encoder = load_encoder(ckpt, which=p.which).to(device)
+    torch.manual_seed(seed)
+    random_init = VisionTransformer(**encoder.arch()).eval().to(device)
+    crop = p.crop_size or encoder.img_size[0]
+    manifest = read_manifest(ctx.root / SHARDS)
+    normalize = Normalize()
+    out: dict[str, dict] = {"pretrained": {}, "random_init": {}, "pixels": {}}
+    for split, info in manifest["splits"].items():
+        loader = eval_loader(
+            shard_urls(ctx.root / SHARDS, split),
+            batch_size=p.batch_size,
+            transform=eval_transform(crop, p.resize_size),
+            num_workers=p.num_workers,
+        )
+        feats = extract_features(
+            {"pretrained": encoder, "random_init": random_init},
+            loader,
+            prepare=lambda x: normalize(x, device),
+            device=device,
+            pixel_size=p.pixel_size,
+            progress=f"extract {split}",
+            total=-(-info["count"] // p.batch_size),
+        )
+        for name, f in feats.items():
+            out[name][split] = f
+    meta = {
+        "checkpoint": str(ckpt),
+        "which": p.which,
+        "arch": encoder.arch(),
+        "crop_size": crop,
+        "resize_size": p.resize_size or crop,
+        "classes": manifest["classes"],
+    }
+    for name, feats in out.items():
+        save_features(ctx.root / OUT / f"{name}.pt", feats, **meta, kind=name)
+    metrics = {f"{s}_samples": len(v["keys"]) for s, v in out["pretrained"].items()}
+    metrics |= {
+        "dim_avg_last": out["pretrained"]["train"]["avg_last"].shape[1],
+        "dim_pixels": out["pixels"]["train"]["pixels"].shape[1],
+    }
+    write_json(ctx.root / "metrics/extract.json", metrics)
+    tracker.log_dict(meta, "extract/meta.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main("extract", run, SECTIONS)

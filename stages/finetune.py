@@ -1,0 +1,119 @@
+"""finetune: the MAE recipe on the pretrained encoder; best epoch by val top-1, reported on test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ijepa.checkpoint import load_encoder
+from ijepa.data import eval_loader, eval_transform, pretrain_loader, pretrain_transform, read_manifest, shard_urls
+from ijepa.data.loaders import Normalize
+from ijepa.device import pick_device
+from ijepa.finetune import (
+    Classifier,
+    FinetuneSpec,
+    Preprocess,
+    evaluate,
+    load_classifier,
+    train_classifier,
+    with_drop_path,
+)
+from pipeline.outputs import plot_series, write_json
+from pipeline.params import section
+from pipeline.stage import main
+
+SECTIONS = ("seed", "finetune", "tracking")
+SHARDS, OUT = Path("data/shards"), Path("models/finetune/classifier.pth")
+
+
+def run(params: dict, ctx, tracker) -> dict:
+    p, seed = section(params, "finetune"), section(params, "seed")
+    device = pick_device(p.device)
+    encoder = with_drop_path(load_encoder(ctx.root / p.checkpoint, which=p.which), p.drop_path)
+    manifest = read_manifest(ctx.root / SHARDS)
+    model = Classifier(encoder, len(manifest["classes"])).to(device)
+    crop = encoder.img_size[0]
+    pre = Preprocess(crop, p.resize_size or crop)
+    spec = FinetuneSpec(
+        p.epochs,
+        p.batch_size,
+        p.accum_steps,
+        p.blr,
+        p.min_lr,
+        p.warmup_epochs,
+        p.weight_decay,
+        p.layer_decay,
+        p.label_smoothing,
+        p.mixup,
+        p.cutmix,
+        p.model_ema,
+        p.ema_decay,
+        p.bf16,
+    )
+    n_train = manifest["splits"]["train"]["count"]
+    steps = n_train // (p.batch_size * p.accum_steps * ctx.world_size)
+    train_tf = pretrain_transform(
+        crop, crop_scale=p.crop_scale, horizontal_flip=p.horizontal_flip, rand_augment=p.rand_augment
+    )
+    normalize = Normalize(pre.mean, pre.std)
+    urls = {s: shard_urls(ctx.root / SHARDS, s) for s in manifest["splits"]}
+
+    def train_batches(epoch):
+        return pretrain_loader(
+            urls["train"],
+            batch_size=p.batch_size,
+            collator=None,
+            transform=train_tf,
+            batches_per_epoch=steps * p.accum_steps,
+            epoch=epoch,
+            seed=seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_workers=p.num_workers,
+        )
+
+    def eval_batches(split):
+        return eval_loader(
+            urls[split], batch_size=256, transform=eval_transform(crop, pre.resize_size), num_workers=p.num_workers
+        )
+
+    bar = tqdm(total=steps * p.epochs, desc="finetune", mininterval=5)
+    result = train_classifier(
+        model,
+        spec,
+        steps_per_epoch=steps,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        prepare=lambda x: normalize(x, device),
+        device=device,
+        best_path=ctx.root / OUT,
+        class_names=manifest["classes"],
+        preprocess=pre,
+        world_size=ctx.world_size,
+        on_epoch=lambda e, row: tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=e),
+        progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+    )
+    bar.close()
+    best, _, _ = load_classifier(ctx.root / OUT)
+    split = "test" if "test" in urls else "val"
+    test = evaluate(best.to(device), eval_batches(split), prepare=lambda x: normalize(x, device), device=device)
+    metrics = {
+        "top1": test["top1"],
+        "top5": test["top5"],
+        "val_top1": result["val_top1"],
+        "best_epoch": result["best_epoch"],
+        "best_weights": result["weights"],
+        "lr": result["lr"],
+        "steps": result["steps"],
+    }
+    write_json(ctx.root / "metrics/finetune.json", metrics)
+    png = plot_series(
+        result["history"], "epoch", ["train_loss", "model_val_top1"], ctx.root / "plots/finetune.png", "finetuning"
+    )
+    tracker.log_artifact(png, "plots")
+    return metrics
+
+
+if __name__ == "__main__":
+    main("finetune", run, SECTIONS)

@@ -1,0 +1,202 @@
+"""Downstream: pooling, the probe grid's selection, k-NN and retrieval on toy data with known answers,
+layer-wise lr decay, gradient accumulation, classify on a folder, and every stage on an official file."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ijepa import create_encoder
+from ijepa.eval.features import extract_features, pooled_features
+from ijepa.eval.knn import knn_accuracy, knn_classify
+from ijepa.eval.linear import train_linear_grid
+from ijepa.eval.search import SearchIndex, retrieval_metrics
+from ijepa.finetune import (
+    Classifier,
+    MixTargets,
+    Preprocess,
+    accumulate_step,
+    load_classifier,
+    param_groups_lrd,
+    save_classifier,
+    set_lr,
+)
+
+
+def tiny_encoder(depth=4, img=16, patch=4):
+    torch.manual_seed(0)
+    return create_encoder("vit_tiny", patch_size=patch, img_size=img, depth=depth).eval()
+
+
+def test_pooled_features_shapes_and_definition():
+    enc = tiny_encoder()
+    x = torch.randn(3, 3, 16, 16)
+    f = pooled_features(enc, x)
+    assert f["avg_last"].shape == (3, 192) and f["avg_last4"].shape == (3, 4 * 192)
+    with torch.no_grad():
+        assert torch.allclose(f["avg_last"], enc(x).mean(1), atol=1e-5)
+        layers = enc.get_intermediate_layers(x, n=4)
+    assert torch.allclose(f["avg_last4"][:, :192], layers[0].mean(1), atol=1e-5)
+    assert torch.allclose(f["avg_last4"][:, -192:], f["avg_last"])
+    assert pooled_features(tiny_encoder(depth=1), x)["avg_last4"].shape == (3, 768)  # shallow: repeats
+
+
+def test_extract_features_sorts_by_key_and_shares_batches():
+    enc, other = tiny_encoder(), tiny_encoder(depth=2)
+    x = torch.randint(0, 255, (4, 16, 16, 3), dtype=torch.uint8)
+    batches = [(x[:2], torch.tensor([1, 0]), ["k3", "k1"]), (x[2:], torch.tensor([2, 1]), ["k0", "k2"])]
+    out = extract_features(
+        {"a": enc, "b": other},
+        batches,
+        prepare=lambda b: b.permute(0, 3, 1, 2).float() / 255,
+        device=torch.device("cpu"),
+        pixel_size=4,
+    )
+    assert out["a"]["keys"] == ["k0", "k1", "k2", "k3"] and out["a"]["labels"].tolist() == [2, 0, 1, 1]
+    assert out["b"]["avg_last"].shape == (4, 192) and out["pixels"]["pixels"].shape == (4, 3 * 4 * 4)
+    ref = pooled_features(enc, x[2:3].permute(0, 3, 1, 2).float() / 255)["avg_last"]
+    assert torch.allclose(out["a"]["avg_last"][0], ref[0], atol=1e-5)  # k0 is the third image
+
+
+def test_probe_grid_chooses_on_validation_only():
+    g = torch.Generator().manual_seed(0)
+    n, d, c = 300, 8, 3
+
+    def split(signal_in: str):
+        y = torch.randint(0, c, (n,), generator=g)
+        signal = torch.nn.functional.one_hot(y, c).float().repeat(1, 3)[:, :d] * 3 + 0.3 * torch.randn(
+            n, d, generator=g
+        )
+        noise = torch.randn(n, d, generator=g)
+        good, bad = (signal, noise) if signal_in == "good" else (noise, signal)
+        return {"avg_last": good, "avg_last4": bad}, y
+
+    feats, labels = {}, {}
+    for s, where in (("train", "good"), ("val", "good"), ("test", "bad")):  # test swaps the informative pooling
+        feats[s], labels[s] = split(where)
+    r = train_linear_grid(
+        feats, labels, num_classes=c, poolings=["avg_last", "avg_last4"], lrs=[0.01, 0.1], epochs=20, batch_size=64
+    )
+    best = next(row for row in r["table"] if row["head"] == r["best"])
+    assert best["pooling"] == "avg_last" and best["val_top1"] == max(row["val_top1"] for row in r["table"])
+    assert r["test_top1"] == best["test_top1"] < 0.6  # reported, not used to choose ...
+    assert max(row["test_top1"] for row in r["table"]) > r["test_top1"]  # ... though another head wins on test
+    with pytest.raises(ValueError, match="needs 'train' and 'val'"):
+        train_linear_grid({"train": feats["train"]}, labels, num_classes=c, poolings=["avg_last"], lrs=[0.1])
+
+
+def test_knn_known_answer():
+    deg = math.radians
+    train = torch.tensor([[1.0, 0.0], [math.cos(deg(10)), math.sin(deg(10))], [math.cos(deg(20)), math.sin(deg(20))]])
+    labels = torch.tensor([0, 1, 1])
+    q = torch.tensor([[2.0, 0.0]])  # same direction as the class-0 point: cosine ignores the norm
+    scores = knn_classify(train, labels, q, num_classes=2, ks=(1, 3), temperature=0.07)
+    assert scores[1].argmax(1).item() == 0
+    # k=3: class 1 gets exp(cos10/T) + exp(cos20/T) > exp(1/T) for class 0
+    w = [math.exp(math.cos(deg(a)) / 0.07) for a in (0, 10, 20)]
+    assert torch.allclose(scores[3][0], torch.tensor([w[0], w[1] + w[2]]), rtol=1e-4)
+    assert scores[3].argmax(1).item() == 1
+    acc = knn_accuracy(train, labels, train, labels, num_classes=2, ks=(1,))
+    assert acc == {1: 1.0}
+
+
+def test_retrieval_metrics_on_a_toy_index():
+    gallery = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    index = SearchIndex(gallery, ["a", "b", "c"], torch.tensor([0, 1, 0]), ["a.png", "b.png", "c.png"])
+    queries = torch.tensor([[1.0, 0.1], [0.9, 0.5]])
+    # query 0 ranks a, b, c -> relevance (label 0) 1, 0, 1: AP = (1/1 + 2/3) / 2
+    # query 1 (label 1) ranks b, a, c -> relevance 1, 0, 0: AP = 1
+    m = retrieval_metrics(index, queries, torch.tensor([0, 1]), ks=(1, 2))
+    assert m["recall@1"] == 1.0 and m["recall@2"] == 1.0
+    assert m["map"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    m = retrieval_metrics(index, queries[:1], torch.tensor([1]), ks=(1, 2))
+    assert m["recall@1"] == 0.0 and m["recall@2"] == 1.0 and m["map"] == pytest.approx(0.5)
+    scores, idx = index.search(queries, k=2)
+    assert idx.tolist() == [[0, 1], [1, 0]] and scores[0, 0] > scores[0, 1]
+
+
+def test_layer_wise_decay_gives_each_block_its_lr():
+    model = Classifier(tiny_encoder(depth=3), 5)
+    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5)
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    set_lr(opt, 2.0)
+    lr_of = {name: g["lr"] for g in opt.param_groups for name in g["names"]}
+    assert lr_of["encoder.patch_embed.proj.weight"] == pytest.approx(2.0 * 0.5**4)
+    for i in range(3):
+        assert lr_of[f"encoder.blocks.{i}.attn.qkv.weight"] == pytest.approx(2.0 * 0.5 ** (3 - i))
+    assert lr_of["head.weight"] == 2.0 and lr_of["encoder.norm.weight"] == 2.0
+    decay = {name: g["weight_decay"] for g in opt.param_groups for name in g["names"]}
+    assert decay["encoder.blocks.0.attn.qkv.weight"] == 0.05 and decay["encoder.blocks.0.attn.qkv.bias"] == 0.0
+    assert "encoder.pos_embed" not in lr_of  # frozen sin-cos table
+
+
+def test_accumulation_over_four_steps_equals_one_big_batch():
+    model = Classifier(tiny_encoder(depth=2), 4)
+    twin = copy.deepcopy(model)
+    x = torch.randn(16, 3, 16, 16)
+    t = MixTargets(4, mixup=0.0, cutmix=0.0, label_smoothing=0.1)(x, torch.arange(16) % 4)[1]
+    cpu = torch.device("cpu")
+    # plain SGD: the update is the accumulated gradient itself (Adam's first step is ~lr * sign(g), which
+    # would magnify float noise in near-zero gradients)
+    opt_a = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt_b = torch.optim.SGD(twin.parameters(), lr=1.0)
+    loss_a = accumulate_step(model.train(), opt_a, [(x[i : i + 4], t[i : i + 4]) for i in range(0, 16, 4)], device=cpu)
+    loss_b = accumulate_step(twin.train(), opt_b, [(x, t)], device=cpu)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for (n, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), n
+    mixed_x, mixed_t = MixTargets(4, mixup=0.8, cutmix=1.0, label_smoothing=0.1)(x, torch.arange(16) % 4)
+    assert mixed_x.shape == x.shape and torch.allclose(mixed_t.sum(1), torch.ones(16))
+
+
+def test_classify_a_folder_with_class_names_from_the_checkpoint(tmp_path, capsys):
+    from ijepa.cli import main
+
+    model = Classifier(tiny_encoder(depth=1), 3)
+    ckpt = tmp_path / "classifier.pth"
+    save_classifier(ckpt, model, ["apple", "banana", "cherry"], Preprocess(16, 16))
+    loaded, names, pre = load_classifier(ckpt)
+    assert names == ["apple", "banana", "cherry"] and pre.crop_size == 16
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "sub/b.jpg", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "preds.csv"
+    assert (
+        main(
+            [
+                "classify",
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(folder),
+                "--output",
+                str(out),
+                "--annotate",
+                str(tmp_path / "annotated"),
+            ]
+        )
+        == 0
+    )
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"].split("/in/")[1] for r in rows] == ["a.png", "broken.png", "c.png", "sub/b.jpg"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 3 and all(r["prediction"] in names for r in ok)
+    assert rows[1]["status"] == "not a decodable image" and "skipping" in capsys.readouterr().err
+    with torch.no_grad():  # the CLI's preprocessing equals the evaluation loaders'
+        from ijepa.inference import preprocess_batch, read_bgr
+
+        x = preprocess_batch([read_bgr(folder / "a.png")], pre, torch.device("cpu"))
+        p = loaded(x).softmax(1)[0]
+    assert float(ok[0]["probability"]) == pytest.approx(float(p.max()), abs=1e-4)
+    assert (tmp_path / "annotated/sub/b.png").is_file()
+    assert main(["classify", "--checkpoint", str(ckpt), "--input", str(tmp_path / "nope")]) == 2

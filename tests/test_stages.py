@@ -1,0 +1,143 @@
+"""Every downstream stage on an official-layout checkpoint (no metadata, ``module.`` keys), on real shards."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ijepa import create_encoder, create_predictor
+from ijepa.engine import build_optimizer
+from ijepa.jepa import JEPA
+from pipeline.stage import run_stage
+from stages import extract, finetune, knn, linprobe, prepare, search
+
+from .test_data import mini_fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def official_checkpoint(path: Path) -> Path:
+    """What upstream's train.py writes, for an encoder of the demo geometry (28 px, patch 4)."""
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny", patch_size=4, img_size=28, depth=2)
+    pred = create_predictor("vit_tiny", patch_size=4, img_size=28, depth=1, predictor_embed_dim=48)
+    jepa = JEPA(enc, pred)
+    state = {
+        k: {f"module.{n}": t for n, t in getattr(jepa, k).state_dict().items()}
+        for k in ("encoder", "predictor", "target_encoder")
+    }
+    state |= {
+        "opt": build_optimizer(jepa).state_dict(),
+        "scaler": None,
+        "epoch": 1,
+        "loss": 0.3,
+        "batch_size": 8,
+        "world_size": 1,
+        "lr": 1e-3,
+    }
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"] |= {
+        "source": params["prepare"]["source"] | {"dir": str(mini_fashion_mnist(root / "fm", 200, 60))},
+        "shard_size": 64,
+    }
+    ckpt = str(official_checkpoint(root / "IN1K-vit.t.4-official.pth.tar"))
+    params["extract"] |= {"checkpoint": ckpt, "batch_size": 64, "num_workers": 0}
+    params["linprobe"] |= {"epochs": 5, "lrs": [0.01, 0.1]}
+    params["search"] |= {"grid_queries": 3, "k": 3}
+    params["finetune"] |= {"checkpoint": ckpt, "epochs": 2, "batch_size": 32, "num_workers": 0, "warmup_epochs": 0.5}
+    run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
+    return root, params
+
+
+def test_every_stage_reads_an_official_checkpoint(project, monkeypatch):
+    root, params = project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    m = run_stage("extract", extract.run, extract.SECTIONS, root=root, params=params)
+    assert m["train_samples"] == 180 and m["dim_avg_last"] == 192 and m["dim_pixels"] == 3 * 28 * 28
+    feats = torch.load(root / "data/features/pretrained.pt", weights_only=True)
+    assert feats["train"]["avg_last4"].shape == (180, 768) and feats["meta"]["which"] == "target_encoder"
+
+    m = run_stage("linprobe", linprobe.run, linprobe.SECTIONS, root=root, params=params)
+    saved = json.loads((root / "metrics/linprobe.json").read_text())
+    assert set(saved) >= {"top1", "top5", "random_init_top1", "pixels_top1", "best_head"}
+    assert 0 <= saved["top1"] <= 1 and (root / "plots/linprobe.png").is_file()
+    rows = (root / "metrics/linprobe_grid.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * (2 * 2 * 2) + 1 * 2 * 2  # header; (pretrained, random): poolings x lrs x bn; pixels
+
+    m = run_stage("knn", knn.run, knn.SECTIONS, root=root, params=params)
+    saved = json.loads((root / "metrics/knn.json").read_text())
+    assert set(saved["top1"]) == {"k10", "k20", "k100", "k200"}
+
+    m = run_stage("search", search.run, search.SECTIONS, root=root, params=params)
+    assert set(m) >= {"recall@1", "recall@5", "map"} and m["gallery"] == 180
+    assert (root / "models/search/index.pt").is_file() and (root / "plots/search_grid.png").is_file()
+
+    m = run_stage("finetune", finetune.run, finetune.SECTIONS, root=root, params=params)
+    saved = json.loads((root / "metrics/finetune.json").read_text())
+    assert {"top1", "top5"} <= set(saved) and saved["best_epoch"] in (1, 2)
+    from ijepa.finetune import load_classifier
+
+    model, classes, pre = load_classifier(root / "models/finetune/classifier.pth")
+    assert classes[0] == "T-shirt/top" and pre.crop_size == 28 and model.encoder.depth == 2
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("ijepa").experiment_id])
+    assert {r.data.tags["ijepa.stage"] for r in runs} == {"prepare", "extract", "linprobe", "knn", "search", "finetune"}
+
+
+def test_search_command_queries_by_image_path(project, capsys):
+    root, _ = project
+    from ijepa.cli import main
+    from ijepa.data import shard_urls
+    from ijepa.data.loaders import read_images
+
+    key = "00000003"
+    img = read_images(shard_urls(root / "data/shards", "test"), [key])[key]
+    from PIL import Image
+
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / "query.png")
+    assert (
+        main(
+            ["search", "--index", str(root / "models/search/index.pt"), "--query", str(root / "query.png"), "--k", "4"]
+        )
+        == 0
+    )
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["rank"] for x in lines] == [1, 2, 3, 4]
+    assert all(x["path"].startswith("fashion-mnist/train/") for x in lines)
+    assert lines[0]["score"] >= lines[-1]["score"]
+
+
+def test_bad_search_query_is_a_clear_error(project, capsys):
+    root, _ = project
+    from ijepa.cli import main
+
+    assert main(["search", "--index", str(root / "models/search/index.pt"), "--query", str(root / "none.png")]) == 2
+    assert "not a readable image file" in capsys.readouterr().err
+    params = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    params["extract"]["checkpoint"] = str(root / "missing.pth.tar")
+    from ijepa.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="missing.pth.tar does not exist"):
+        run_stage(
+            "extract",
+            extract.run,
+            extract.SECTIONS,
+            root=root,
+            params=params | {"tracking": {"experiment": "ijepa", "enabled": False}},
+        )
