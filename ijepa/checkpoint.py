@@ -278,8 +278,10 @@ def load_training_state(
     predictor: nn.Module,
     target_encoder: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    extra: Mapping[str, nn.Module] | None = None,
 ) -> dict:
-    """Restore all three modules (strict) and the optimizer from ``path``.
+    """Restore all three modules (strict), any ``extra`` modules saved under their names (e.g. DMT-JEPA's
+    heads) and the optimizer from ``path``.
 
     Returns:
         the checkpoint dict (for ``epoch``, ``ijepa_meta`` and extra entries).
@@ -288,6 +290,10 @@ def load_training_state(
     ckpt = read_checkpoint(path)
     for name, module in (("encoder", encoder), ("predictor", predictor), ("target_encoder", target_encoder)):
         load_state_strict(module, _section(ckpt, name, path), f"{path} [{name}]")
+    for name, module in (extra or {}).items():
+        if not isinstance(ckpt.get(name), Mapping):
+            raise CheckpointError(f"{path} has no {name!r} entry, which this objective needs to resume")
+        load_state_strict(module, ckpt[name], f"{path} [{name}]")
     if optimizer is not None:
         if not isinstance(ckpt.get("opt"), Mapping):
             raise CheckpointError(f"{path} has no optimizer state ('opt') to resume from")

@@ -21,6 +21,8 @@ class JEPA(nn.Module):
         target_encoder: an existing target (e.g. loaded); default a deep copy of ``encoder``.
     """
 
+    extra_modules: tuple[str, ...] = ()  # further trained/EMA modules saved in checkpoints (DMT-JEPA's heads)
+
     def __init__(
         self,
         encoder: VisionTransformer,
@@ -41,6 +43,10 @@ class JEPA(nn.Module):
         h = apply_masks(h, masks_pred)
         return repeat_interleave_batch(h, imgs.size(0), repeat=nenc)
 
+    def context(self, imgs: torch.Tensor, masks_enc: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Context tokens fed to the predictor: (nenc * B, K_enc, D)."""
+        return self.encoder(imgs, masks_enc)
+
     def forward(
         self, imgs: torch.Tensor, masks_enc: Sequence[torch.Tensor], masks_pred: Sequence[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
@@ -54,7 +60,7 @@ class JEPA(nn.Module):
             {"loss": scalar smooth-L1 (beta 1, mean over all elements), "pred": predictions, "target": targets}.
         """
         h = self.targets(imgs, masks_pred, len(masks_enc))
-        z = self.predictor(self.encoder(imgs, masks_enc), masks_enc, masks_pred)
+        z = self.predictor(self.context(imgs, masks_enc), masks_enc, masks_pred)
         # Upstream's loss is smooth-L1 on layer-normed targets (the paper writes L2); we follow the code.
         loss = F.smooth_l1_loss(z.float(), h.float())
         return {"loss": loss, "pred": z, "target": h}

@@ -26,6 +26,7 @@ class ModelSpec:
     pred_depth: int = 6
     pred_emb_dim: int = 384
     overrides: Mapping = field(default_factory=dict)  # explicit preset changes (e.g. depth for a demo)
+    objective: Mapping = field(default_factory=lambda: {"name": "ijepa"})  # or dmt_jepa with window, k, depth
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,15 @@ def build_jepa(model: ModelSpec, seed: int) -> JEPA:
         embed_dim=enc.embed_dim,
         num_heads=enc.num_heads,
     )
-    return JEPA(enc, pred)
+    objective = dict(model.objective)
+    name = objective.pop("name")
+    if name == "ijepa":
+        return JEPA(enc, pred)
+    if name == "dmt_jepa":
+        from .dmt import DMTJEPA
+
+        return DMTJEPA(enc, pred, **objective)
+    raise ValueError(f"unknown objective {name!r}; valid: ijepa, dmt_jepa")
 
 
 def pretrain(
@@ -130,6 +139,7 @@ def pretrain(
             predictor=jepa.predictor,
             target_encoder=jepa.target_encoder,
             optimizer=optimizer,
+            extra={m: getattr(jepa, m) for m in jepa.extra_modules},
         )
         step, loss = int(ckpt["ijepa_meta"]["step"]), ckpt.get("loss") or float("nan")
         if step % ipe:
@@ -163,6 +173,7 @@ def pretrain(
                 world_size=world_size,
                 lr=optim.lr,
                 params=meta_params,
+                extra={m: getattr(jepa, m).state_dict() for m in jepa.extra_modules},
             )
             save_checkpoint(latest, **kwargs)
             if save_every_epochs and (epoch + 1) % save_every_epochs == 0:

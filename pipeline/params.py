@@ -251,3 +251,36 @@ class FinetuneParams:
 
 
 SECTIONS["finetune"] = FinetuneParams
+
+
+@dataclass(frozen=True)
+class DmtParams:
+    window: int = spec(3, lambda w: w >= 3 and w % 2 == 1, "be an odd number >= 3")
+    k: int = spec(4, positive, "be > 0")
+    blocks: int = spec(2, positive, "be > 0")
+
+    def validate(self):
+        if self.k > self.window**2 - 1:
+            yield (
+                "k",
+                f"must be at most window^2 - 1 = {self.window**2 - 1} (the patch itself is excluded), got {self.k}",
+            )
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    name: Literal["ijepa", "dmt_jepa"] = "ijepa"
+    dmt: DmtParams | None = None
+
+    def validate(self):
+        if self.name == "dmt_jepa" and self.dmt is None:
+            yield "dmt", "is required when objective.name is dmt_jepa (window, k, blocks)"
+
+    def spec(self) -> dict:
+        """The ``ModelSpec.objective`` mapping."""
+        if self.name == "ijepa":
+            return {"name": "ijepa"}
+        return {"name": "dmt_jepa", "window": self.dmt.window, "k": self.dmt.k, "depth": self.dmt.blocks}
+
+
+SECTIONS["objective"] = ObjectiveParams

@@ -23,7 +23,7 @@ from pipeline.outputs import StepCSV, plot_series, write_json
 from pipeline.params import ParamError, check_mask_geometry, section
 from pipeline.stage import main
 
-SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "tracking")
+SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "objective", "tracking")
 SHARDS, OUT = Path("data/shards"), Path("models/pretrain")
 COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "k_enc", "k_pred"]
 
@@ -44,6 +44,7 @@ def _resume_step(out: Path, phash: str) -> int:
 def run(params: dict, ctx, tracker) -> dict:
     data, model, mask = section(params, "data"), section(params, "model"), section(params, "mask")
     optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
+    objective = section(params, "objective")
     check_mask_geometry(mask, data)
     n_train = read_manifest(ctx.root / SHARDS)["splits"]["train"]["count"]
     ipe = n_train // (pre.batch_size * ctx.world_size)
@@ -112,7 +113,14 @@ def run(params: dict, ctx, tracker) -> dict:
     t0 = time.perf_counter()
     result = pretrain(
         model=ModelSpec(
-            model.name, data.patch_size, data.crop_size, 3, model.pred_depth, model.pred_emb_dim, model.overrides()
+            model.name,
+            data.patch_size,
+            data.crop_size,
+            3,
+            model.pred_depth,
+            model.pred_emb_dim,
+            model.overrides(),
+            objective.spec(),
         ),
         optim=OptimSpec(
             pre.epochs,

@@ -39,6 +39,8 @@ def test_committed_params_yaml_is_up_to_date(tmp_path):
         ["experiment=in1k_vith14_ep300"],
         ["mask=paper", "data=imagenet_224_16", "optim=paper"],
         ["launcher=slurm", "launcher.nodes=4"],
+        ["objective=dmt_jepa"],
+        ["objective=dmt_jepa", "objective.dmt.window=5", "objective.dmt.k=24"],
     ],
 )
 def test_every_group_option_composes_and_validates(tmp_path, overrides):
@@ -89,6 +91,9 @@ def broken(path: str, value):
         ("prepare.source.kind", "imagenet", r"prepare\.source\.kind: must be one of"),
         ("optim.ema", [0.996], r"optim\.ema: expected a list of 2 values"),
         ("seed", -1, r"seed: must be an integer >= 0"),
+        ("objective.name", "dmt_jepa", r"objective\.dmt: is required when objective\.name is dmt_jepa"),
+        ("objective.dmt", {"window": 4, "k": 4, "blocks": 2}, r"objective\.dmt\.window: must be an odd number >= 3"),
+        ("objective.dmt", {"window": 3, "k": 9, "blocks": 2}, r"objective\.dmt\.k: must be at most window\^2 - 1 = 8"),
     ],
 )
 def test_validation_names_the_key(path, value, message):

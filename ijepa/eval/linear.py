@@ -1,8 +1,8 @@
 """Linear-probe grid: many linear heads (learning rates x poolings, optionally batch-norm) trained together.
 
-All heads read the same cached features, so the whole grid costs little more than one head (dinov2's
-``eval/linear.py`` idea). Each head has its own lr; the best is chosen on validation only and then
-reported on test.
+All heads read the same cached features and heads sharing an input are one batched layer, so the whole
+grid costs little more than one head (dinov2's ``eval/linear.py`` idea). Each head has its own lr; the best
+is chosen on validation only and then reported on test.
 """
 
 from __future__ import annotations
@@ -27,18 +27,22 @@ class HeadSpec:
         return f"{self.pooling}_lr{self.lr:g}" + ("_bn" if self.batchnorm else "")
 
 
-class LinearHead(nn.Module):
-    """Optional BatchNorm1d (no affine, as MAE's probe) then Linear; weights N(0, 0.01), bias 0."""
+class HeadBank(nn.Module):
+    """All heads that read one (pooling, batch-norm) input, as one batched linear layer.
 
-    def __init__(self, dim: int, num_classes: int, batchnorm: bool):
+    BatchNorm1d without affine parameters (MAE's probe) does not depend on the head, so it is computed once;
+    each head then has its own weights (H, D, C), initialised N(0, 0.01), and its own learning rate.
+    """
+
+    def __init__(self, dim: int, num_classes: int, n_heads: int, batchnorm: bool):
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if batchnorm else nn.Identity()
-        self.linear = nn.Linear(dim, num_classes)
-        nn.init.normal_(self.linear.weight, std=0.01)
-        nn.init.zeros_(self.linear.bias)
+        self.weight = nn.Parameter(torch.randn(n_heads, dim, num_classes) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(n_heads, 1, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.bn(x))
+        """(N, D) -> (H, N, C) logits of every head."""
+        return torch.einsum("nd,hdc->hnc", self.bn(x), self.weight) + self.bias
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
@@ -83,7 +87,6 @@ def train_linear_grid(
     device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    specs = [HeadSpec(p, lr, bn) for p in poolings for lr in lrs for bn in batchnorm]
     splits = [s for s in ("train", "val", "test") if s in features]
     if "train" not in features or "val" not in features:
         raise ValueError("the probe needs 'train' and 'val' features (val picks the head; test is only reported)")
@@ -93,44 +96,51 @@ def train_linear_grid(
         for s, t in zip(splits, _standardise(*[features[s][p].float() for s in splits]), strict=True):
             data[(s, p)] = t.to(device)
     y = {s: labels[s].to(device) for s in splits}
-    heads = nn.ModuleList(LinearHead(data[("train", sp.pooling)].shape[1], num_classes, sp.batchnorm) for sp in specs)
-    heads.to(device)
-    opt = torch.optim.SGD(
-        [{"params": h.parameters(), "lr": sp.lr, "base_lr": sp.lr} for h, sp in zip(heads, specs, strict=True)],
-        momentum=0.9,
-        weight_decay=weight_decay,
-    )
+    banks = {
+        (p, bn): HeadBank(data[("train", p)].shape[1], num_classes, len(lrs), bn).to(device)
+        for p in poolings
+        for bn in batchnorm
+    }
+    head_lr = torch.tensor(list(lrs), device=device).view(-1, 1, 1)
+    params = [q for bank in banks.values() for q in (bank.weight, bank.bias)]
+    momentum = [torch.zeros_like(q) for q in params]
     n = len(y["train"])
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
     step = 0
     for _ in range(epochs):
-        heads.train()
+        for bank in banks.values():
+            bank.train()
         perm = torch.randperm(n, generator=g).to(device)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
             if len(idx) < 2:
                 continue
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
+            target = y["train"][idx]
             loss = sum(
-                F.cross_entropy(h(data[("train", sp.pooling)][idx]), y["train"][idx])
-                for h, sp in zip(heads, specs, strict=True)
+                F.cross_entropy(bank(data[("train", p)][idx]).flatten(0, 1), target.repeat(len(lrs)), reduction="sum")
+                / len(idx)
+                for (p, _), bank in banks.items()
             )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            grads = torch.autograd.grad(loss, params)
+            scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule, per-head base lr
+            with torch.no_grad():  # SGD, momentum 0.9, weight decay, one lr per head
+                for q, grad, buf in zip(params, grads, momentum, strict=True):
+                    buf.mul_(0.9).add_(grad + weight_decay * q)
+                    q.sub_(scale * head_lr * buf)
             step += 1
-    heads.eval()
     table = []
     with torch.no_grad():
-        for h, sp in zip(heads, specs, strict=True):
-            row = {"head": sp.name, "pooling": sp.pooling, "lr": sp.lr, "batchnorm": sp.batchnorm}
-            for s in splits[1:]:
-                correct = topk_correct(h(data[(s, sp.pooling)]), y[s])
-                row[f"{s}_top1"] = correct[1] / len(y[s])
-                row[f"{s}_top5"] = correct[5] / len(y[s])
-            table.append(row)
+        for (p, bn), bank in banks.items():
+            bank.eval()
+            logits = {s: bank(data[(s, p)]) for s in splits[1:]}
+            for h, lr in enumerate(lrs):
+                row = {"head": HeadSpec(p, lr, bn).name, "pooling": p, "lr": lr, "batchnorm": bn}
+                for s in splits[1:]:
+                    correct = topk_correct(logits[s][h], y[s])
+                    row[f"{s}_top1"] = correct[1] / len(y[s])
+                    row[f"{s}_top5"] = correct[5] / len(y[s])
+                table.append(row)
     best = max(table, key=lambda r: (r["val_top1"], -r["lr"]))
     out = {"best": best["head"], "table": table, "val_top1": best["val_top1"]}
     if "test" in splits:
