@@ -93,6 +93,9 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     enc = load_encoder(repo / "models/pretrain/jepa-latest.pth.tar")
     assert enc.depth == 1 and enc.patch_size == 4
     assert (repo / "plots/pretrain_curves.png").stat().st_size > 1000
+    for stage in ("extract", "linprobe", "knn", "search", "finetune"):
+        assert (repo / f"metrics/{stage}.json").is_file(), stage
+    assert set(json.loads((repo / "metrics/linprobe.json").read_text())) >= {"top1", "random_init_top1", "pixels_top1"}
     t0 = time.perf_counter()
     again = sh(repo, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout and time.perf_counter() - t0 < 20
@@ -100,7 +103,7 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     client, exp, runs = mlflow_runs(repo)
     assert exp.artifact_location == (repo / "mlruns").as_uri()
     by_stage = {r.data.tags["ijepa.stage"]: r for r in runs}
-    assert set(by_stage) == {"prepare", "pretrain"}
+    assert set(by_stage) == {"prepare", "pretrain", "extract", "linprobe", "knn", "search", "finetune"}
     assert by_stage["prepare"].data.tags["ijepa.pipeline_run"] == by_stage["pretrain"].data.tags["ijepa.pipeline_run"]
     pr = by_stage["pretrain"]
     assert pr.data.params["pretrain.batch_size"] == "16" and pr.data.tags["git.commit"]
