@@ -40,6 +40,7 @@ def run_stage(
     with make_tracker(
         ctx, enabled=tracking.enabled, experiment=tracking.experiment, params=subset, all_params=params
     ) as tracker:
+        tracker.log_dict(subset, "params/resolved.json")
         metrics = run(params, ctx, tracker)
         metrics = {**metrics, "stage_seconds": round(time.perf_counter() - t0, 2)}
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})

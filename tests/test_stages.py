@@ -98,6 +98,9 @@ def test_every_stage_reads_an_official_checkpoint(project, monkeypatch):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ijepa").experiment_id])
     assert {r.data.tags["ijepa.stage"] for r in runs} == {"prepare", "extract", "linprobe", "knn", "search", "finetune"}
+    ft = next(r for r in runs if r.data.tags["ijepa.stage"] == "finetune")
+    assert [a.path for a in client.list_artifacts(ft.info.run_id, "params")] == ["params/resolved.json"]
+    assert {a.path for a in client.list_artifacts(ft.info.run_id, "plots")} == {"plots/finetune.png"}
 
 
 def test_search_command_queries_by_image_path(project, capsys):
