@@ -159,22 +159,29 @@ def section(params: dict, name: str):
     return parse(SECTIONS[name], params[name], name)
 
 
-def check_mask_geometry(mask: MaskParams, data: DataParams) -> None:
-    """Masks that cannot be drawn on the token grid are a params error naming ``mask``."""
+def mask_collator(mask: MaskParams, data: DataParams, *, seed: int = 0, rank: int = 0):
+    """The library's ``MultiBlockMaskCollator`` for these params sections (config -> explicit arguments)."""
     from ijepa.masks import MultiBlockMaskCollator
 
+    return MultiBlockMaskCollator(
+        data.crop_size,
+        data.patch_size,
+        enc_mask_scale=mask.enc_mask_scale,
+        pred_mask_scale=mask.pred_mask_scale,
+        aspect_ratio=mask.aspect_ratio,
+        nenc=mask.nenc,
+        npred=mask.npred,
+        min_keep=mask.min_keep,
+        allow_overlap=mask.allow_overlap,
+        seed=seed,
+        rank=rank,
+    )
+
+
+def check_mask_geometry(mask: MaskParams, data: DataParams) -> None:
+    """Masks that cannot be drawn on the token grid are a params error naming ``mask``."""
     try:
-        MultiBlockMaskCollator(
-            data.crop_size,
-            data.patch_size,
-            enc_mask_scale=mask.enc_mask_scale,
-            pred_mask_scale=mask.pred_mask_scale,
-            aspect_ratio=mask.aspect_ratio,
-            nenc=mask.nenc,
-            npred=mask.npred,
-            min_keep=mask.min_keep,
-            allow_overlap=mask.allow_overlap,
-        )
+        mask_collator(mask, data)
     except ValueError as e:
         raise ParamError(f"mask: {e}") from e
 

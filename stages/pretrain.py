@@ -16,11 +16,10 @@ from ijepa.checkpoint import load_checkpoint_meta
 from ijepa.data import pretrain_loader, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
 from ijepa.device import pick_device
-from ijepa.masks import MultiBlockMaskCollator
 from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
 from pipeline.context import params_hash
 from pipeline.outputs import StepCSV, plot_series, write_json
-from pipeline.params import ParamError, check_mask_geometry, section
+from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
 from pipeline.stage import main
 
 SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "objective", "tracking")
@@ -58,19 +57,7 @@ def run(params: dict, ctx, tracker) -> dict:
     phash = params_hash({s: params[s] for s in SECTIONS if s != "tracking"})
     out = ctx.root / OUT
     start = _resume_step(out, phash)
-    collator = MultiBlockMaskCollator(
-        data.crop_size,
-        data.patch_size,
-        enc_mask_scale=mask.enc_mask_scale,
-        pred_mask_scale=mask.pred_mask_scale,
-        aspect_ratio=mask.aspect_ratio,
-        nenc=mask.nenc,
-        npred=mask.npred,
-        min_keep=mask.min_keep,
-        allow_overlap=mask.allow_overlap,
-        seed=seed,
-        rank=ctx.rank,
-    )
+    collator = mask_collator(mask, data, seed=seed, rank=ctx.rank)
     transform = pretrain_transform(
         data.crop_size,
         crop_scale=data.crop_scale,
