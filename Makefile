@@ -11,7 +11,7 @@ export PYTHONPATH := $(CURDIR)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UI_PORT ?= 5000
 
-.PHONY: help setup repro params test test-fast lint format bench ui clean
+.PHONY: help setup repro params test test-fast lint format bench ui clean pretrain-slurm slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -23,6 +23,15 @@ setup: $(STAMP) ## create .venv with the pinned dependencies and install the Deb
 
 repro: $(STAMP) ## run the whole DVC chain on the built-in demo data (dvc repro)
 	dvc repro
+
+pretrain-slurm: $(STAMP) ## submit pretraining to SLURM via submitit (ARGS="launcher.nodes=2 launcher.partition=gpu --wait"), then `dvc commit pretrain`
+	$(PY) -m pipeline.launch launcher=slurm $(ARGS)
+
+slurm-up: ## (root) install and start a one-node SLURM on localhost to try `make pretrain-slurm`
+	bash scripts/local_slurm.sh start
+
+slurm-down: ## stop the local SLURM started by slurm-up
+	bash scripts/local_slurm.sh stop
 
 params: $(STAMP) ## recompose params.yaml from params/ (what `dvc exp run` does) after editing params/
 	$(PY) scripts/compose_params.py

@@ -60,6 +60,7 @@ def train_epoch(
     bf16: bool = False,
     reduce_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[StepLog], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[int, float]:
     """Run optimizer steps ``start_step .. end_step - 1`` over ``batches``.
 
@@ -74,8 +75,10 @@ def train_epoch(
         bf16: bf16 autocast on CUDA.
         reduce_loss: averages the detached loss over ranks (distributed runs) for logging and checks.
         on_step: receives a ``StepLog`` after every step.
+        should_stop: asked after every step; True ends the call early at that step boundary (preemption).
+            In distributed runs it must give the same answer on every rank (``ijepa.distributed.any_rank``).
     Returns:
-        (next step, mean loss over the steps run).
+        (next step, mean loss over the steps run); next step < ``end_step`` when stopped early.
     Raises:
         NonFiniteLossError: before the optimizer step of the first non-finite loss.
     """
@@ -121,4 +124,6 @@ def train_epoch(
                 )
             )
         step += 1
+        if should_stop is not None and step < end_step and should_stop():
+            break
     return step, total / max(step - start_step, 1)

@@ -93,6 +93,7 @@ def pretrain(
     wrap: Callable[[JEPA], torch.nn.Module] | None = None,
     on_step: Callable[[StepLog], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     params: Mapping | None = None,
 ) -> dict:
     """Train I-JEPA for ``optim.epochs * ipe`` steps, resuming from ``out_dir/jepa-latest.pth.tar``.
@@ -102,7 +103,8 @@ def pretrain(
         ipe: optimizer steps per epoch.
         batch_size: per-rank batch (recorded in checkpoints).
         make_batches: ``(epoch, start_step) -> iterable`` of batches for steps ``start_step ..`` of that
-            epoch; must be deterministic in its arguments for exact resume.
+            epoch (``start_step`` may fall inside the epoch after a preemption); must yield exactly what an
+            uninterrupted run would have from that step on, for exact resume.
         out_dir: checkpoint folder.
         device: from ``ijepa.device.pick_device``.
         seed: model initialisation seed.
@@ -111,9 +113,11 @@ def pretrain(
         world_size, is_main: distributed context; only the main rank writes files.
         reduce_loss: all-reduce for the logged loss; wrap: e.g. DDP around the module.
         on_step, on_epoch: callbacks (step logs; (epoch done, mean loss)).
+        should_stop: asked after every step (same answer on every rank); True saves a checkpoint at that
+            step, mid-epoch if need be, and returns with ``stopped`` set (SLURM preemption / time limit).
         params: stored in checkpoint metadata.
     Returns:
-        {"step", "epoch", "loss", "checkpoint"}.
+        {"step", "epoch", "loss", "checkpoint", "stopped"}.
     """
     out_dir = Path(out_dir)
     latest = out_dir / "jepa-latest.pth.tar"
@@ -142,10 +146,14 @@ def pretrain(
             extra={m: getattr(jepa, m) for m in jepa.extra_modules},
         )
         step, loss = int(ckpt["ijepa_meta"]["step"]), ckpt.get("loss") or float("nan")
-        if step % ipe:
-            raise RuntimeError(f"{latest} was written at step {step}, not at an epoch end of {ipe} steps")
+        if ckpt["ijepa_meta"].get("params", {}).get("ipe", ipe) != ipe:
+            raise RuntimeError(
+                f"{latest} was written with {ckpt['ijepa_meta']['params']['ipe']} steps per epoch, this run has "
+                f"{ipe} (batch size or world size changed): its schedules and data order cannot be continued"
+            )
     runner = wrap(jepa) if wrap is not None else jepa
     meta_params = {"model": asdict(model), "optim": asdict(optim), "ipe": ipe, **dict(params or {})}
+    stopped = False
     for epoch in range(step // ipe, optim.epochs):
         step, loss = train_epoch(
             runner,
@@ -159,7 +167,9 @@ def pretrain(
             bf16=optim.bf16,
             reduce_loss=reduce_loss,
             on_step=on_step,
+            should_stop=should_stop,
         )
+        stopped = step < (epoch + 1) * ipe
         if is_main:
             kwargs = dict(
                 encoder=jepa.encoder,
@@ -167,7 +177,7 @@ def pretrain(
                 target_encoder=jepa.target_encoder,
                 optimizer=optimizer,
                 step=step,
-                epoch=epoch + 1,
+                epoch=step // ipe,  # epochs completed (a preempted run's checkpoint may sit mid-epoch)
                 loss=loss,
                 batch_size=batch_size,
                 world_size=world_size,
@@ -176,8 +186,10 @@ def pretrain(
                 extra={m: getattr(jepa, m).state_dict() for m in jepa.extra_modules},
             )
             save_checkpoint(latest, **kwargs)
-            if save_every_epochs and (epoch + 1) % save_every_epochs == 0:
+            if not stopped and save_every_epochs and (epoch + 1) % save_every_epochs == 0:
                 save_checkpoint(out_dir / f"jepa-ep{epoch + 1}.pth.tar", **kwargs)
+        if stopped:
+            break
         if on_epoch is not None:
             on_epoch(epoch + 1, loss)
-    return {"step": step, "epoch": step // ipe, "loss": loss, "checkpoint": str(latest)}
+    return {"step": step, "epoch": step // ipe, "loss": loss, "checkpoint": str(latest), "stopped": stopped}

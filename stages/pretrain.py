@@ -1,22 +1,31 @@
 """pretrain: I-JEPA on data/shards/train -> models/pretrain/jepa-latest.pth.tar, loss/lr/EMA curves.
 
 An interrupted run resumes from the latest checkpoint on the next ``dvc repro`` (the output is persistent);
-a checkpoint written under different params is set aside, never resumed.
+a checkpoint written under different params or a different world size is set aside, never resumed.
+
+Distributed: run under ``torchrun --nproc_per_node N -m stages.pretrain`` or ``make pretrain-slurm``
+(submitit); each rank reads its own shards, DDP averages gradients, the logged loss is all-reduced and
+only rank 0 writes. ``pretrain.batch_size`` is per rank: the effective batch is batch_size x world size.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_checkpoint_meta
 from ijepa.data import pretrain_loader, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
 from ijepa.device import pick_device
+from ijepa.distributed import all_reduce_mean, any_rank, env_from_os, init_distributed, shutdown, wrap_ddp
 from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
+from pipeline import preemption
 from pipeline.context import params_hash
 from pipeline.outputs import StepCSV, plot_series, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
@@ -41,6 +50,23 @@ def _resume_step(out: Path, phash: str) -> int:
 
 
 def run(params: dict, ctx, tracker) -> dict:
+    denv = env_from_os()
+    device = pick_device(section(params, "pretrain").device, denv.local_rank)
+    if denv.distributed and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # N CPU ranks on one machine each default to every core: share them out (torchrun sets OMP_NUM_THREADS=1)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", denv.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    init_distributed(denv, device)
+    try:
+        metrics = _run(params, ctx, tracker, device)
+    except BaseException:
+        shutdown(barrier=False)
+        raise
+    shutdown()
+    return metrics
+
+
+def _run(params: dict, ctx, tracker, device) -> dict:
     data, model, mask = section(params, "data"), section(params, "model"), section(params, "mask")
     optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
     objective = section(params, "objective")
@@ -53,10 +79,14 @@ def run(params: dict, ctx, tracker) -> dict:
             "training images: not one full batch per epoch"
         )
     urls = shard_urls(ctx.root / SHARDS, "train")
-    device = pick_device(pre.device)
-    phash = params_hash({s: params[s] for s in SECTIONS if s != "tracking"})
+    # the world size changes the effective batch and each rank's data: part of what a checkpoint continues
+    phash = params_hash({**{s: params[s] for s in SECTIONS if s != "tracking"}, "world_size": ctx.world_size})
     out = ctx.root / OUT
-    start = _resume_step(out, phash)
+    start = _resume_step(out, phash) if ctx.is_main else 0
+    if ctx.world_size > 1:  # rank 0 decided (and set aside a stale checkpoint); the others follow
+        flag = [start]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        start = flag[0]
     collator = mask_collator(mask, data, seed=seed, rank=ctx.rank)
     transform = pretrain_transform(
         data.crop_size,
@@ -69,7 +99,10 @@ def run(params: dict, ctx, tracker) -> dict:
     normalize = Normalize()
 
     def make_batches(epoch: int, start_step: int):
-        collator.set_start_step(start_step)
+        # the epoch's stream is fixed by (seed, epoch, rank) and masks by the step: a run resumed inside an
+        # epoch (after a preemption) rebuilds the epoch and skips the batches it already trained on
+        first = epoch * ipe
+        collator.set_start_step(first)
         loader = pretrain_loader(
             urls,
             batch_size=pre.batch_size,
@@ -83,7 +116,7 @@ def run(params: dict, ctx, tracker) -> dict:
             num_workers=data.num_workers,
             shuffle_buffer=data.shuffle_buffer,
         )
-        for (imgs, _), masks_enc, masks_pred in loader:
+        for (imgs, _), masks_enc, masks_pred in itertools.islice(loader, start_step - first, None):
             yield normalize(imgs, device), masks_enc, masks_pred
 
     steps_csv = StepCSV(ctx.root / "metrics/pretrain_steps.csv", COLUMNS, truncate_from=start)
@@ -130,12 +163,18 @@ def run(params: dict, ctx, tracker) -> dict:
         save_every_epochs=pre.save_every_epochs,
         world_size=ctx.world_size,
         is_main=ctx.is_main,
+        wrap=(lambda jepa: wrap_ddp(jepa, device)) if ctx.world_size > 1 else None,
+        reduce_loss=all_reduce_mean if ctx.world_size > 1 else None,
         on_step=on_step,
         on_epoch=lambda e, loss: tracker.log_metrics({"epoch_loss": loss}, step=e),
+        should_stop=lambda: any_rank(preemption.requested(), device),
         params={"params_hash": phash, "sections": {s: params[s] for s in SECTIONS if s != "tracking"}},
     )
     bar.close()
     seconds = time.perf_counter() - t0
+    if result["stopped"]:
+        print(f"pretrain: stopped at step {result['step']}; {result['checkpoint']} resumes from there", flush=True)
+        return {"stopped": True, "steps": result["step"]}
     rows = steps_csv.read()
     first = [r["loss"] for r in rows if r["epoch"] == 0]
     last = [r["loss"] for r in rows if r["epoch"] == pre.epochs - 1]
@@ -146,6 +185,8 @@ def run(params: dict, ctx, tracker) -> dict:
         "epochs": result["epoch"],
         "images_per_second": round((result["step"] - start) * pre.batch_size * ctx.world_size / seconds, 1),
         "ipe": ipe,
+        "world_size": ctx.world_size,
+        "effective_batch_size": pre.batch_size * ctx.world_size,
     }
     if ctx.is_main:
         write_json(ctx.root / "metrics/pretrain.json", metrics)

@@ -1,0 +1,147 @@
+"""Submit the pretrain stage to SLURM (or to local processes) through submitit: ``make pretrain-slurm``.
+
+    python -m pipeline.launch [launcher=slurm] [launcher.KEY=VALUE ...] [--wait]
+
+Training params come from params.yaml, exactly as ``dvc repro`` would use them, so that ``dvc commit pretrain``
+can record the outputs afterwards; only the ``launcher`` section may be changed here (a group choice like
+``launcher=slurm`` loads ``params/launcher/slurm.yaml``; ``launcher.nodes=2`` sets one key).
+
+Every task runs ``PretrainJob``: it exports the torch.distributed variables from the SLURM environment, runs
+the pretrain stage (DDP, rank 0 writes), and on SLURM's warning signal (USR2, ``signal_delay_s`` before the
+time limit, or on preemption) stops at the next step boundary, saves, and requeues itself; the requeued job
+resumes from that checkpoint, mid-epoch included, exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import submitit
+import yaml
+
+from . import preemption
+from .params import LauncherParams, load_params, section
+from .schema import ParamError
+from .stage import run_stage
+
+
+class PretrainJob(submitit.helpers.Checkpointable):
+    """One task of the pretraining job (pickled by submitit; resubmitted as is on requeue)."""
+
+    def __init__(self, root: str, params: dict):
+        self.root, self.params = str(root), params
+
+    def __call__(self) -> dict | None:
+        from stages import pretrain  # the stage module, not a copy of it: the same code path as `dvc repro`
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        preemption.install()
+        env = submitit.JobEnvironment()
+        print(f"launch: task {env.global_rank}/{env.num_tasks} of job {env.job_id} on {env.hostname}", flush=True)
+        metrics = run_stage("pretrain", pretrain.run, pretrain.SECTIONS, root=self.root, params=self.params)
+        if metrics.get("stopped"):
+            if env.global_rank == 0:
+                preemption.hand_over()  # submitit: calls checkpoint(), requeues, exits
+            return None  # other ranks end here; the requeued job restarts all of them
+        return metrics
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        # The training state is already on disk (saved at the step boundary): resubmit the same job.
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.root, self.params))
+
+
+def make_executor(launcher: LauncherParams, folder: str | Path) -> submitit.Executor:
+    """A submitit executor for ``launcher.kind`` ("slurm", or "local" processes on this machine)."""
+    common = dict(
+        nodes=launcher.nodes,
+        tasks_per_node=launcher.tasks_per_node,
+        gpus_per_node=launcher.gpus_per_node,
+        timeout_min=launcher.time_min,
+    )
+    if launcher.kind == "slurm":
+        ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=launcher.max_requeues)
+        extra = {k: v for k, v in (("slurm_partition", launcher.partition), ("slurm_account", launcher.account)) if v}
+        ex.update_parameters(
+            name="ijepa-pretrain",
+            cpus_per_task=launcher.cpus_per_task,
+            mem_gb=launcher.mem_gb,
+            slurm_signal_delay_s=launcher.signal_delay_s,
+            **common,
+            **extra,
+        )
+        return ex
+    if launcher.nodes != 1:
+        raise ParamError(f"launcher.nodes: {launcher.nodes} with launcher.kind=local; local runs have one node")
+    ex = submitit.LocalExecutor(folder, max_num_timeout=launcher.max_requeues)
+    ex.update_parameters(signal_delay_s=launcher.signal_delay_s, **common)
+    return ex
+
+
+def submit_pretrain(executor: submitit.Executor, root: str | Path, params: dict) -> submitit.Job:
+    """Submit the pretrain stage of the project at ``root`` with these (validated) params."""
+    return executor.submit(PretrainJob(str(Path(root).resolve()), params))
+
+
+def apply_overrides(params: dict, overrides: list[str], groups_dir: Path) -> dict:
+    """``launcher=NAME`` (a group file) and ``launcher.KEY=VALUE`` (YAML value); anything else is refused."""
+    params = {**params, "launcher": dict(params.get("launcher") or {})}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ParamError(f"{item!r}: expected KEY=VALUE")
+        if key == "launcher":
+            path = groups_dir / "launcher" / f"{raw}.yaml"
+            if not path.is_file():
+                options = sorted(p.stem for p in (groups_dir / "launcher").glob("*.yaml"))
+                raise ParamError(f"launcher={raw}: no {path}; options: {', '.join(options)}")
+            params["launcher"] = yaml.safe_load(path.read_text())
+        elif key.startswith("launcher.") and key.count(".") == 1:
+            params["launcher"][key.split(".", 1)[1]] = yaml.safe_load(raw)
+        else:
+            raise ParamError(
+                f"{key}: only launcher settings can be overridden here; training params come from params.yaml "
+                "(edit params/ and `make params`, or use `dvc exp run -S`) so that `dvc commit pretrain` records "
+                "what was trained"
+            )
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="launcher=slurm, launcher.nodes=2, ...")
+    ap.add_argument("--root", default=".", help="project root (params.yaml, data/shards, outputs)")
+    ap.add_argument("--wait", action="store_true", help="block until the job ends and print its metrics")
+    args = ap.parse_args(argv)
+    root = Path(args.root).resolve()
+    try:
+        params = apply_overrides(load_params(root / "params.yaml"), args.overrides, root / "params")
+        launcher = section(params, "launcher")
+        from stages import pretrain
+
+        for s in pretrain.SECTIONS:  # fail here, not in the queue hours later
+            section(params, s)
+        folder = root / launcher.folder / "%j"
+        executor = make_executor(launcher, folder)
+    except ParamError as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+    job = submit_pretrain(executor, root, params)
+    world = launcher.nodes * launcher.tasks_per_node
+    print(
+        f"launch: submitted pretrain job {job.job_id} ({launcher.kind}, {launcher.nodes} node(s) x "
+        f"{launcher.tasks_per_node} task(s) = world size {world}; effective batch "
+        f"{params['pretrain']['batch_size']} x {world}); logs in {str(folder).replace('%j', str(job.job_id))}"
+    )
+    if not args.wait:
+        print("launch: when it has finished, record its outputs with `dvc commit pretrain`")
+        return 0
+    results = job.results()
+    print(f"launch: job {job.job_id} finished: {results[0]}")
+    print("launch: record its outputs with `dvc commit pretrain`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Distributed pretraining: real 2-process gloo, a real submitit job that times out and requeues, real SLURM."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from ijepa.checkpoint import load_checkpoint_meta, read_checkpoint
+from ijepa.distributed import DistEnv, all_reduce_mean, env_from_os, init_distributed, shutdown, wrap_ddp
+from ijepa.pretrain import OptimSpec, pretrain
+from pipeline import launch
+from pipeline.params import section
+from pipeline.schema import ParamError
+from pipeline.stage import run_stage
+from stages import prepare
+
+from .conftest import TINY, step_batches, tiny_collator
+from .test_data import mini_fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL_BATCH, IPE = 8, 3
+OPTIM = OptimSpec(epochs=2, warmup=1, start_lr=2e-4, lr=1e-3, bf16=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shared_batches(rank: int, world: int):
+    """This rank's equal share of the full batches (masks drawn once for the full batch, then split)."""
+    full = step_batches(tiny_collator(), batch=FULL_BATCH)
+    share = FULL_BATCH // world
+
+    def make(epoch: int, start: int):
+        for imgs, enc, pred in full(epoch, start):
+            sl = slice(rank * share, (rank + 1) * share)
+            yield imgs[sl], [m[sl] for m in enc], [m[sl] for m in pred]
+
+    return make
+
+
+def _train(rank: int, world: int, out: Path) -> list[float]:
+    device = torch.device("cpu")
+    losses: list[float] = []
+    pretrain(
+        model=TINY,
+        optim=OPTIM,
+        ipe=IPE,
+        batch_size=FULL_BATCH // world,
+        make_batches=_shared_batches(rank, world),
+        out_dir=out,
+        device=device,
+        world_size=world,
+        is_main=rank == 0,
+        wrap=(lambda j: wrap_ddp(j, device)) if world > 1 else None,
+        reduce_loss=all_reduce_mean if world > 1 else None,
+        on_step=lambda log: losses.append(log.loss),
+    )
+    return losses
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+    env = env_from_os()
+    init_distributed(env, torch.device("cpu"))
+    losses = _train(rank, world, Path(out))
+    Path(out, f"losses-{rank}.json").write_text(json.dumps(losses))
+    shutdown()
+
+
+def test_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    single = _train(0, 1, tmp_path / "single")
+    ddp = [json.loads((tmp_path / f"ddp/losses-{r}.json").read_text()) for r in (0, 1)]
+    assert len(single) == OPTIM.epochs * IPE
+    assert ddp[0] == ddp[1]  # the all-reduced loss is what every rank logs
+    torch.testing.assert_close(torch.tensor(ddp[0]), torch.tensor(single), rtol=1e-5, atol=1e-6)
+    a = read_checkpoint(tmp_path / "ddp/jepa-latest.pth.tar")
+    b = read_checkpoint(tmp_path / "single/jepa-latest.pth.tar")
+    assert (a["world_size"], a["batch_size"], b["world_size"], b["batch_size"]) == (2, 4, 1, 8)
+    for key in ("encoder", "predictor", "target_encoder"):
+        for name, t in b[key].items():
+            torch.testing.assert_close(a[key][name], t, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+
+
+def test_stop_mid_epoch_then_resume_is_exact(tmp_path):
+    """A preempted run saves at the step it stopped (mid-epoch) and the resumed run ends bit-identical."""
+    make = _shared_batches(0, 1)
+    common = dict(model=TINY, optim=OPTIM, ipe=IPE, batch_size=FULL_BATCH, device=torch.device("cpu"))
+    ref = pretrain(**common, make_batches=make, out_dir=tmp_path / "ref")
+    steps: list[int] = []
+    first = pretrain(
+        **common,
+        make_batches=make,
+        out_dir=tmp_path / "cut",
+        on_step=lambda log: steps.append(log.step),
+        should_stop=lambda: len(steps) == IPE + 1,  # one step into the second epoch
+    )
+    assert first["stopped"] and first["step"] == IPE + 1
+    assert load_checkpoint_meta(tmp_path / "cut/jepa-latest.pth.tar")["step"] == IPE + 1
+    second = pretrain(**common, make_batches=make, out_dir=tmp_path / "cut", on_step=lambda log: steps.append(log.step))
+    assert not second["stopped"] and steps == list(range(OPTIM.epochs * IPE)) and ref["step"] == second["step"]
+    a, b = read_checkpoint(tmp_path / "ref/jepa-latest.pth.tar"), read_checkpoint(tmp_path / "cut/jepa-latest.pth.tar")
+    for key in ("encoder", "predictor", "target_encoder"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name}"
+    assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
+
+
+def test_env_and_launcher_errors(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK=2"):
+        env_from_os()
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        init_distributed(DistEnv(0, 2, 0), torch.device("cpu"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    with pytest.raises(ParamError, match=r"pretrain\.epochs: only launcher settings"):
+        launch.apply_overrides(params, ["pretrain.epochs=3"], ROOT / "params")
+    with pytest.raises(ParamError, match="options: local, slurm"):
+        launch.apply_overrides(params, ["launcher=nope"], ROOT / "params")
+    p = launch.apply_overrides(
+        params, ["launcher=slurm", "launcher.nodes=2", "launcher.partition=gpu"], ROOT / "params"
+    )
+    lp = section(p, "launcher")
+    assert (lp.kind, lp.nodes, lp.partition, lp.tasks_per_node) == ("slurm", 2, "gpu", 8)
+    with pytest.raises(ParamError, match="launcher.nodes"):
+        section(launch.apply_overrides(params, ["launcher.nodes=0"], ROOT / "params"), "launcher")
+
+
+# -- the pretrain stage as a submitit job -------------------------------------------------------------
+
+
+def _project(root: Path, epochs: int) -> tuple[Path, dict]:
+    """A project folder with real shards of 180 training images and tiny-model params."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    src = root.parent / f"{root.name}-fm"
+    if not src.exists():
+        mini_fashion_mnist(src, 200, 20)
+    params["prepare"] |= {"source": params["prepare"]["source"] | {"dir": str(src)}, "shard_size": 32}
+    params["model"] |= {"depth": 1, "pred_depth": 1, "pred_emb_dim": 48}
+    params["pretrain"] |= {"epochs": epochs, "batch_size": 8}
+    params["data"] |= {"num_workers": 1}
+    params["tracking"]["enabled"] = False
+    root.mkdir(parents=True)
+    shutil.copytree(ROOT / "params", root / "params")  # the launcher groups `launcher=slurm` loads
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
+    return root, params
+
+
+def _weights(root: Path) -> dict:
+    return read_checkpoint(root / "models/pretrain/jepa-latest.pth.tar")["target_encoder"]
+
+
+@pytest.mark.slow
+def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path):
+    """2 local tasks under submitit; USR2 arrives 10 s in, on every run: stop, save, requeue, resume."""
+    epochs = 36  # ~400 steps, ~20 s of training here: interrupted at least once at 10 s after each start
+    root, params = _project(tmp_path / "cut", epochs)
+    ref_root, ref_params = _project(tmp_path / "ref", epochs)
+    lp = section(params, "launcher")
+    lp = dataclasses.replace(lp, tasks_per_node=2, max_requeues=10)
+
+    ex = launch.make_executor(lp, tmp_path / "logs-ref")
+    ex.update_parameters(timeout_min=30)
+    ref = launch.submit_pretrain(ex, ref_root, ref_params).results()
+
+    ex = launch.make_executor(lp, tmp_path / "logs-cut")
+    ex.update_parameters(timeout_min=0.5, signal_delay_s=20)  # the local controller sends USR2 at 10 s
+    job = launch.submit_pretrain(ex, root, params)
+    results = job.results()
+    log = "".join(p.read_text() for p in (tmp_path / "logs-cut").glob("*_0_log.*"))
+    assert "Calling checkpoint method" in log and "Requeued job" in log, log[-3000:]
+    assert "stopping at the next step boundary" in log
+    assert results[0]["steps"] == ref[0]["steps"] == epochs * (180 // 16) and results[0]["world_size"] == 2
+    a, b = _weights(root), _weights(ref_root)
+    for name, t in b.items():
+        assert torch.equal(a[name], t), name
+    rows = (root / "metrics/pretrain_steps.csv").read_text().splitlines()
+    assert len(rows) == 1 + epochs * 11  # one row per step, none doubled by the requeues
+    assert rows == (ref_root / "metrics/pretrain_steps.csv").read_text().splitlines()
+
+
+# -- real SLURM -------------------------------------------------------------------------------------------
+
+
+def _slurm_running() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a local SLURM needs root")
+def test_two_task_pretraining_on_a_real_one_node_slurm(tmp_path):
+    started = not _slurm_running()
+    if started:
+        subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "start"], check=True)
+    try:
+        root, _ = _project(tmp_path / "proj", epochs=2)
+        rc = launch.main(
+            [
+                "launcher=slurm",
+                "launcher.tasks_per_node=2",
+                "launcher.gpus_per_node=0",
+                "launcher.cpus_per_task=1",
+                "launcher.mem_gb=2",
+                "launcher.time_min=10",
+                "--root",
+                str(root),
+                "--wait",
+            ]
+        )
+        assert rc == 0
+        metrics = json.loads((root / "metrics/pretrain.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["steps"] == 2 * (180 // 16)
+        assert load_checkpoint_meta(root / "models/pretrain/jepa-latest.pth.tar")["step"] == metrics["steps"]
+        logs = list((root / "outputs/submitit").rglob("*_1_log.out"))
+        assert logs and "task 1/2" in logs[0].read_text()
+    finally:
+        if started:
+            subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "stop"], check=False)
