@@ -1,4 +1,5 @@
-"""``ijepa`` command line for people outside the pipeline: classify, search, inspect checkpoints, list presets."""
+"""``ijepa`` command line for people outside the pipeline: classify, search, segment images and videos, inspect
+checkpoints, list presets."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from .checkpoint import META_KEY, MODEL_KEYS, CheckpointError, build_from_checkpoint
 from .models.registry import list_models, preset
+from .seg.data import SegDataError
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -88,6 +90,28 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from .seg.infer import segment_folder
+
+    res = segment_folder(args.checkpoint, args.input, args.output, batch_size=args.batch_size, device=args.device)
+    print(f"ijepa segment: {res['images']} images -> {res['output']} (<name>_mask.png, <name>_overlay.png)")
+    for path in res["skipped"]:
+        print(f"ijepa segment: skipped unreadable {path}", file=sys.stderr)
+    return 0
+
+
+def _segment_video(args: argparse.Namespace) -> int:
+    from .seg.infer import segment_video
+
+    out = args.output or str(Path(args.input).with_name(Path(args.input).stem + "_seg.mp4"))
+    res = segment_video(args.checkpoint, args.input, out, batch_size=args.batch_size, device=args.device)
+    print(
+        f"ijepa segment-video: {res['frames']} frames {res['width']}x{res['height']} at {res['fps']:.2f} fps "
+        f"-> {res['output']}; processed at {res['processing_fps']} FPS"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ijepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="override the encoder checkpoint recorded in the index")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=_search)
+    p = sub.add_parser("segment", help="segment a folder of images -> colour masks and overlays")
+    p.add_argument("--checkpoint", required=True, help="models/seg/pretrained.pth (from the seg_train stage)")
+    p.add_argument("--input", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--output", default="segmentations", help="folder to write (default: segmentations)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=_segment)
+    p = sub.add_parser("segment-video", help="segment every frame of a video -> overlay video (headless)")
+    p.add_argument("--checkpoint", required=True, help="models/seg/pretrained.pth (from the seg_train stage)")
+    p.add_argument("--input", required=True, help="a video file OpenCV can read")
+    p.add_argument("--output", default=None, help="output .mp4 (default: <input>_seg.mp4 beside the input)")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per forward pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.set_defaults(func=_segment_video)
     return parser
 
 
@@ -120,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, SegDataError) as e:
         print(f"ijepa: error: {e}", file=sys.stderr)
         return 2
 

@@ -48,19 +48,32 @@ class StepCSV:
 
 def plot_series(rows: Sequence[Mapping], x: str, ys: Sequence[str], path: str | Path, title: str) -> Path:
     """One panel per series against ``x``, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.2), squeeze=False)
+    fig, axes = new_figure(1, len(ys), (4.2 * len(ys), 3.2))
     xs = [r[x] for r in rows]
     for ax, y in zip(axes[0], ys, strict=True):
         ax.plot(xs, [r[y] for r in rows], lw=1.2)
         ax.set_xlabel(x)
         ax.set_title(y)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    return save_figure(fig, path, title)
+
+
+def new_figure(rows: int, cols: int, size: tuple[float, float]):
+    """(fig, axes 2-D array) with the non-interactive backend (stages run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+
+
+def save_figure(fig, path: str | Path, title: str | None = None) -> Path:
+    """Title, tight layout, PNG at ``path`` (folders created), figure closed."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

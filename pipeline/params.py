@@ -112,6 +112,7 @@ class LauncherParams:
     partition: str | None = None
     account: str | None = None
     max_requeues: int = spec(20, non_negative, "be >= 0")
+    signal_delay_s: int = spec(120, positive, "be > 0 (seconds of warning before the time limit)")
     folder: str = "outputs/submitit"
 
 
@@ -291,3 +292,60 @@ class ObjectiveParams:
 
 
 SECTIONS["objective"] = ObjectiveParams
+
+
+@dataclass(frozen=True)
+class SegPrepareParams:
+    kind: Literal["demo", "folders"] = "demo"  # demo: generate scenes into data/seg; folders: use seg_data dirs
+    fashion_mnist_dir: str | None = None  # demo items (None: where `make setup` puts Fashion-MNIST)
+    train_images: int = spec(600, positive, "be > 0")
+    val_images: int = spec(200, positive, "be > 0")
+    height: int = spec(56, positive, "be > 0")
+    width: int = spec(84, positive, "be > 0")
+    items: tuple[int, int] = spec((1, 3), ordered_positive, "satisfy 0 < min <= max")
+    item_scale: tuple[float, float] = spec((1.0, 1.6), ordered_positive, "satisfy 0 < min <= max")
+
+
+@dataclass(frozen=True)
+class SegDataParams:
+    train_dir: str = "data/seg/train"  # <dir>/images/<stem>.* and <dir>/masks/<stem>.png
+    val_dir: str = "data/seg/val"
+    mask_format: Literal["color", "index"] = "color"
+    classes: str = "data/seg/classes.yaml"  # ALL_CLASSES, LABEL_COLORS_LIST, VIS_LABEL_MAP (+ IGNORE_COLORS)
+    height: int = spec(56, positive, "be > 0")  # model input (multiples of the patch size)
+    width: int = spec(84, positive, "be > 0")
+
+
+@dataclass(frozen=True)
+class SegTrainParams:
+    checkpoint: str = "models/pretrain/jepa-latest.pth.tar"
+    which: Literal["target_encoder", "encoder"] = "target_encoder"
+    head: Literal["linear", "decoder"] = "linear"
+    layers: int = spec(1, positive, "be > 0 (the last N blocks, concatenated)")
+    decoder_width: int = spec(128, positive, "be > 0")
+    freeze_encoder: bool = True
+    epochs: int = spec(20, positive, "be > 0")
+    batch_size: int = spec(16, positive, "be > 0")
+    lr: float = spec(1e-3, positive, "be > 0")
+    min_lr: float = spec(0.0, non_negative, "be >= 0")
+    weight_decay: float = spec(1e-4, non_negative, "be >= 0")
+    warmup_epochs: float = spec(1.0, non_negative, "be >= 0")
+    schedule: Literal["poly", "cosine"] = "poly"
+    encoder_lr_scale: float = spec(0.1, positive, "be > 0")
+    scale: tuple[float, float] = spec((0.5, 2.0), ordered_positive, "satisfy 0 < min <= max")
+    hflip: bool = True
+    bf16: bool = True
+    num_workers: int = spec(1, non_negative, "be >= 0")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+
+@dataclass(frozen=True)
+class SegEvalParams:
+    batch_size: int = spec(32, positive, "be > 0")
+    overlays: int = spec(6, non_negative, "be >= 0 (validation images drawn with their predictions)")
+    num_workers: int = spec(1, non_negative, "be >= 0")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+
+SECTIONS |= {"seg_prepare": SegPrepareParams, "seg_data": SegDataParams, "seg_train": SegTrainParams}
+SECTIONS["seg_eval"] = SegEvalParams

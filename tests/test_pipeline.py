@@ -27,6 +27,8 @@ defaults:
 prepare:
   source:
     dir: fixtures/fm
+seg_prepare:
+  fashion_mnist_dir: fixtures/fm
 """
 
 
@@ -93,7 +95,7 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     enc = load_encoder(repo / "models/pretrain/jepa-latest.pth.tar")
     assert enc.depth == 1 and enc.patch_size == 4
     assert (repo / "plots/pretrain_curves.png").stat().st_size > 1000
-    for stage in ("extract", "linprobe", "knn", "search", "finetune"):
+    for stage in ("extract", "linprobe", "knn", "search", "finetune", "seg_prepare", "seg_train", "seg_eval"):
         assert (repo / f"metrics/{stage}.json").is_file(), stage
     assert set(json.loads((repo / "metrics/linprobe.json").read_text())) >= {"top1", "random_init_top1", "pixels_top1"}
     t0 = time.perf_counter()
@@ -103,7 +105,12 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     client, exp, runs = mlflow_runs(repo)
     assert exp.artifact_location == (repo / "mlruns").as_uri()
     by_stage = {r.data.tags["ijepa.stage"]: r for r in runs}
-    assert set(by_stage) == {"prepare", "pretrain", "extract", "linprobe", "knn", "search", "finetune"}
+    assert set(by_stage) == {
+        *("prepare", "pretrain", "extract", "linprobe", "knn", "search", "finetune"),
+        *("seg_prepare", "seg_train", "seg_eval"),
+    }
+    seg = json.loads((repo / "metrics/seg_eval.json").read_text())
+    assert {"miou", "pixel_acc", "random_init_miou", "per_class_iou"} <= set(seg)
     assert by_stage["prepare"].data.tags["ijepa.pipeline_run"] == by_stage["pretrain"].data.tags["ijepa.pipeline_run"]
     pr = by_stage["pretrain"]
     assert pr.data.params["pretrain.batch_size"] == "16" and pr.data.tags["git.commit"]

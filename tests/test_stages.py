@@ -13,8 +13,9 @@ import yaml
 from ijepa import create_encoder, create_predictor
 from ijepa.engine import build_optimizer
 from ijepa.jepa import JEPA
+from pipeline.schema import ParamError
 from pipeline.stage import run_stage
-from stages import extract, finetune, knn, linprobe, prepare, search
+from stages import extract, finetune, knn, linprobe, prepare, search, seg_eval, seg_prepare, seg_train
 
 from .test_data import mini_fashion_mnist
 
@@ -58,6 +59,9 @@ def project(tmp_path_factory):
     params["linprobe"] |= {"epochs": 5, "lrs": [0.01, 0.1]}
     params["search"] |= {"grid_queries": 3, "k": 3}
     params["finetune"] |= {"checkpoint": ckpt, "epochs": 2, "batch_size": 32, "num_workers": 0, "warmup_epochs": 0.5}
+    params["seg_prepare"] |= {"fashion_mnist_dir": str(root / "fm"), "train_images": 16, "val_images": 6}
+    params["seg_train"] |= {"checkpoint": ckpt, "epochs": 1, "batch_size": 8, "num_workers": 0}
+    params["seg_eval"] |= {"overlays": 2, "num_workers": 0}
     run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
     return root, params
 
@@ -144,3 +148,25 @@ def test_bad_search_query_is_a_clear_error(project, capsys):
             root=root,
             params=params | {"tracking": {"experiment": "ijepa", "enabled": False}},
         )
+
+
+def test_segmentation_stages_on_an_official_checkpoint(project, monkeypatch):
+    root, params = project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    m = run_stage("seg_prepare", seg_prepare.run, seg_prepare.SECTIONS, root=root, params=params)
+    assert (m["train_pairs"], m["val_pairs"], m["classes"], m["unknown_pixels"]) == (16, 6, 11, 0)
+    first = sorted((root / "data/seg/train/images").iterdir())[0].read_bytes()
+    run_stage("seg_prepare", seg_prepare.run, seg_prepare.SECTIONS, root=root, params=params)
+    assert sorted((root / "data/seg/train/images").iterdir())[0].read_bytes() == first  # deterministic by seed
+    run_stage("seg_train", seg_train.run, seg_train.SECTIONS, root=root, params=params)
+    assert {p.name for p in (root / "models/seg").iterdir()} == {"pretrained.pth", "random_init.pth"}
+    run_stage("seg_eval", seg_eval.run, seg_eval.SECTIONS, root=root, params=params)
+    saved = json.loads((root / "metrics/seg_eval.json").read_text())
+    assert {"miou", "pixel_acc", "random_init_miou", "per_class_iou"} <= set(saved)
+    assert 0 <= saved["miou"] <= 1 and set(saved["per_class_iou"]) >= {"background", "sneaker"}
+    assert (root / "plots/seg_overlays.png").is_file() and (root / "plots/seg_iou.png").is_file()
+
+    bad = copy.deepcopy(params)
+    bad["seg_data"]["width"] = 83
+    with pytest.raises(ParamError, match="seg_data.height/width"):
+        run_stage("seg_train", seg_train.run, seg_train.SECTIONS, root=root, params=bad)

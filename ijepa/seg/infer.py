@@ -1,0 +1,146 @@
+"""``ijepa segment`` (a folder of images) and ``ijepa segment-video`` (a video file): headless, batched."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..device import pick_device
+from ..inference import list_images, read_bgr
+from .train import colorize, load_segmenter, overlay, predict_ids
+
+
+def _resize_batch(frames: list[np.ndarray], height: int, width: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LINEAR) for f in frames]))
+
+
+def segment_folder(
+    checkpoint: str | Path,
+    folder: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    device: str = "auto",
+    alpha: float = 0.5,
+) -> dict:
+    """Write ``<stem>_mask.png`` (colour mask, the class config's VIS_LABEL_MAP) and ``<stem>_overlay.png``
+    for every image under ``folder`` (at the image's own size); unreadable files are listed, not fatal.
+    """
+    dev = pick_device(device)
+    model, classes, pre = load_segmenter(checkpoint)
+    model.to(dev)
+    files, out = list_images(folder), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped, done, pending = [], 0, []
+
+    def flush() -> None:
+        nonlocal done
+        if not pending:
+            return
+        imgs = _resize_batch([a for _, a in pending], pre.height, pre.width)
+        preds = predict_ids(model, imgs, [a.shape[:2] for _, a in pending], dev)
+        for (path, img), ids in zip(pending, preds, strict=True):
+            ids = ids.numpy().astype(np.uint8)
+            stem = path.relative_to(folder).with_suffix("").as_posix().replace("/", "__")
+            cv2.imwrite(str(out / f"{stem}_mask.png"), colorize(ids, classes.vis_colors)[..., ::-1])
+            cv2.imwrite(str(out / f"{stem}_overlay.png"), overlay(img, ids, classes.vis_colors, alpha))
+            done += 1
+        pending.clear()
+
+    for path in tqdm(files, desc="segment", mininterval=2):
+        img = read_bgr(path)
+        if img is None:
+            skipped.append(str(path))
+            continue
+        pending.append((path, img))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return {"images": done, "skipped": skipped, "output": str(out), "classes": list(classes.names)}
+
+
+def segment_video(
+    checkpoint: str | Path,
+    video: str | Path,
+    output: str | Path,
+    *,
+    batch_size: int = 16,
+    device: str = "auto",
+    alpha: float = 0.5,
+    bf16: bool = True,
+) -> dict:
+    """Read ``video`` frame by frame, predict in batches, write an overlay video of the same size and fps.
+
+    Returns:
+        {"frames", "width", "height", "fps" (of the input), "processing_fps", "output"}.
+    """
+    video, output = Path(video), Path(output)
+    if not video.is_file():
+        raise FileNotFoundError(f"input video {video} does not exist")
+    dev = pick_device(device)
+    model, classes, pre = load_segmenter(checkpoint)
+    model.to(dev)
+    cap = cv2.VideoCapture(str(video))
+    if not cap.isOpened():
+        raise ValueError(f"{video}: OpenCV cannot open this video")
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.stem + ".partial" + output.suffix)
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))  # (W, H)
+    if not writer.isOpened():
+        cap.release()
+        raise ValueError(f"{output}: OpenCV cannot write this video (use .mp4 or .avi)")
+    frames, batch, t0 = 0, [], time.perf_counter()
+    bar = tqdm(total=count, desc="segment-video", unit="frame", mininterval=2)
+
+    def flush() -> None:
+        nonlocal frames
+        if not batch:
+            return
+        preds = predict_ids(
+            model, _resize_batch(batch, pre.height, pre.width), [(height, width)] * len(batch), dev, bf16
+        )
+        for frame, ids in zip(batch, preds, strict=True):
+            writer.write(overlay(frame, ids.numpy().astype(np.uint8), classes.vis_colors, alpha))
+        frames += len(batch)
+        bar.update(len(batch))
+        batch.clear()
+
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if frame.shape[:2] != (height, width):
+                raise ValueError(
+                    f"{video}: frame {frames + len(batch)} is {frame.shape[1]}x{frame.shape[0]}, "
+                    f"the stream says {width}x{height}"
+                )
+            batch.append(frame)
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+        cap.release()
+        writer.release()
+    if frames == 0:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{video}: no frames could be read")
+    tmp.replace(output)
+    seconds = time.perf_counter() - t0
+    return {
+        "frames": frames,
+        "width": width,
+        "height": height,
+        "fps": fps,
+        "processing_fps": round(frames / seconds, 2),
+        "output": str(output),
+    }

@@ -1,0 +1,95 @@
+"""seg_train: a segmentation head on the pretrained encoder and, in the same run, on a random-init encoder.
+
+Both use the same head, data order and schedule, so ``seg_eval`` can report how much pretraining gives.
+Outputs: models/seg/{pretrained,random_init}.pth (self-contained: ``ijepa segment`` needs nothing else).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ijepa.checkpoint import load_encoder
+from ijepa.device import pick_device
+from ijepa.models.vit import VisionTransformer
+from ijepa.seg.data import SegDataset, load_class_config
+from ijepa.seg.model import SegmentationModel
+from ijepa.seg.train import SegPreprocess, SegTrainSpec, save_segmenter, train_segmentation
+from pipeline.outputs import plot_series, write_json
+from pipeline.params import ParamError, section
+from pipeline.stage import main
+
+SECTIONS = ("seed", "seg_data", "seg_train", "tracking")
+OUT = Path("models/seg")
+
+
+def build_models(p, encoder: VisionTransformer, num_classes: int, seed: int) -> dict[str, SegmentationModel]:
+    """The same head on the given encoder and on a random-init encoder of the same architecture."""
+    torch.manual_seed(seed)
+    random_init = VisionTransformer(**encoder.arch())
+    models = {}
+    for name, enc in (("pretrained", encoder), ("random_init", random_init)):
+        torch.manual_seed(seed + 1)  # identical head initialisation for both
+        models[name] = SegmentationModel(
+            enc,
+            num_classes,
+            head=p.head,
+            layers=p.layers,
+            freeze_encoder=p.freeze_encoder,
+            decoder_width=p.decoder_width,
+        )
+    return models
+
+
+def run(params: dict, ctx, tracker) -> dict:
+    d, p, seed = section(params, "seg_data"), section(params, "seg_train"), section(params, "seed")
+    device = pick_device(p.device)
+    encoder = load_encoder(ctx.root / p.checkpoint, which=p.which)
+    if d.height % encoder.patch_size or d.width % encoder.patch_size:
+        raise ParamError(
+            f"seg_data.height/width: {d.height}x{d.width} must be multiples of the encoder's patch size "
+            f"{encoder.patch_size}"
+        )
+    if p.layers > encoder.depth:
+        raise ParamError(f"seg_train.layers: {p.layers} exceeds the encoder's {encoder.depth} blocks")
+    classes = load_class_config(ctx.root / d.classes)
+    train_ds = SegDataset(
+        ctx.root / d.train_dir, classes, d.mask_format, (d.height, d.width), train=True, scale=p.scale,
+        hflip=p.hflip, seed=seed,
+    )  # fmt: skip
+    spec = SegTrainSpec(
+        p.epochs, p.batch_size, p.lr, p.min_lr, p.weight_decay, p.warmup_epochs, p.schedule, 0.9,
+        p.encoder_lr_scale, p.bf16, p.num_workers,
+    )  # fmt: skip
+    pre = SegPreprocess(d.height, d.width)
+    metrics, rows = {}, {}
+    for name, model in build_models(p, encoder, len(classes.names), seed).items():
+        history = train_segmentation(
+            model,
+            train_ds,
+            spec,
+            device,
+            seed=seed,
+            desc=f"seg_train {name}",
+            on_step=lambda r, name=name: tracker.log_metrics({f"{name}_loss": r["loss"]}, step=r["step"]),
+        )
+        save_segmenter(
+            ctx.root / OUT / f"{name}.pth", model.cpu(), classes, pre, encoder=name, checkpoint=p.checkpoint,
+            which=p.which, epochs=p.epochs,
+        )  # fmt: skip
+        metrics[f"{name}_final_loss"] = round(history[-1]["loss"], 5)
+        for r in history:
+            rows.setdefault(r["epoch"], {"epoch": r["epoch"]})[f"{name}_loss"] = r["loss"]
+    metrics["train_images"] = len(train_ds)
+    write_json(ctx.root / "metrics/seg_train.json", metrics)
+    png = plot_series(
+        list(rows.values()), "epoch", ["pretrained_loss", "random_init_loss"], ctx.root / "plots/seg_train.png",
+        f"segmentation head ({p.head}, {'frozen' if p.freeze_encoder else 'finetuned'} encoder)",
+    )  # fmt: skip
+    tracker.log_artifact(png, "plots")
+    return metrics
+
+
+if __name__ == "__main__":
+    main("seg_train", run, SECTIONS)
