@@ -119,12 +119,13 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         for (imgs, _), masks_enc, masks_pred in itertools.islice(loader, start_step - first, None):
             yield normalize(imgs, device), masks_enc, masks_pred
 
-    steps_csv = StepCSV(ctx.root / "metrics/pretrain_steps.csv", COLUMNS, truncate_from=start)
+    # rank 0 alone touches the step log (others would truncate it under its feet)
+    steps_csv = StepCSV(ctx.root / "metrics/pretrain_steps.csv", COLUMNS, truncate_from=start) if ctx.is_main else None
     bar = tqdm(total=ipe * pre.epochs, initial=start, desc="pretrain", disable=not ctx.is_main, mininterval=5)
 
     def on_step(log) -> None:
         row = {k: getattr(log, k) for k in COLUMNS}
-        if ctx.is_main:
+        if steps_csv is not None:
             steps_csv.write(row)
             tracker.log_metrics({k: row[k] for k in COLUMNS[2:]}, step=log.step)
         bar.update(1)
@@ -175,6 +176,8 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     if result["stopped"]:
         print(f"pretrain: stopped at step {result['step']}; {result['checkpoint']} resumes from there", flush=True)
         return {"stopped": True, "steps": result["step"]}
+    if not ctx.is_main:
+        return {"steps": result["step"], "world_size": ctx.world_size}
     rows = steps_csv.read()
     first = [r["loss"] for r in rows if r["epoch"] == 0]
     last = [r["loss"] for r in rows if r["epoch"] == pre.epochs - 1]
@@ -188,18 +191,17 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         "world_size": ctx.world_size,
         "effective_batch_size": pre.batch_size * ctx.world_size,
     }
-    if ctx.is_main:
-        write_json(ctx.root / "metrics/pretrain.json", metrics)
-        png = plot_series(
-            rows,
-            "step",
-            ["loss", "lr", "momentum"],
-            ctx.root / "plots/pretrain_curves.png",
-            f"I-JEPA pretraining ({model.name}, {data.crop_size}/{data.patch_size})",
-        )
-        tracker.log_artifact(png, "plots")
-        tracker.log_artifact(ctx.root / "metrics/pretrain_steps.csv", "metrics")
-        tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
+    write_json(ctx.root / "metrics/pretrain.json", metrics)
+    png = plot_series(
+        rows,
+        "step",
+        ["loss", "lr", "momentum"],
+        ctx.root / "plots/pretrain_curves.png",
+        f"I-JEPA pretraining ({model.name}, {data.crop_size}/{data.patch_size})",
+    )
+    tracker.log_artifact(png, "plots")
+    tracker.log_artifact(ctx.root / "metrics/pretrain_steps.csv", "metrics")
+    tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
     return metrics
 
 
