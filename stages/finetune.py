@@ -92,7 +92,7 @@ def run(params: dict, ctx, tracker) -> dict:
         preprocess=pre,
         world_size=ctx.world_size,
         on_epoch=lambda e, row: tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=e),
-        progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+        progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
     )
     bar.close()
     best, _, _ = load_classifier(ctx.root / OUT)

@@ -33,6 +33,7 @@ from pipeline.stage import main
 
 SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "objective", "tracking")
 SHARDS, OUT = Path("data/shards"), Path("models/pretrain")
+STEPS_CSV = Path("metrics/pretrain_steps.csv")  # persistent in dvc.yaml, like the checkpoint it goes with
 COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "k_enc", "k_pred"]
 
 
@@ -47,6 +48,16 @@ def _resume_step(out: Path, phash: str) -> int:
     shutil.move(out, stale)  # different params: keep it for inspection, never resume from it
     print(f"pretrain: {latest} was trained with other params; moved to {stale}, starting fresh")
     return 0
+
+
+def _check_history(rows: list[dict], start: int, path: Path, out: Path) -> None:
+    """A resumed run needs the loss rows of the steps before its checkpoint: its metrics and plot use them."""
+    if [int(r["step"]) for r in rows] != list(range(start)):
+        raise RuntimeError(
+            f"{path} holds {len(rows)} step rows but {out / 'jepa-latest.pth.tar'} resumes at step {start}: the "
+            f"loss history of the run being resumed is missing or incomplete; restore {path}, or delete {out} "
+            "to train from scratch"
+        )
 
 
 def run(params: dict, ctx, tracker) -> dict:
@@ -83,6 +94,11 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     phash = params_hash({**{s: params[s] for s in SECTIONS if s != "tracking"}, "world_size": ctx.world_size})
     out = ctx.root / OUT
     start = _resume_step(out, phash) if ctx.is_main else 0
+    steps_path = ctx.root / STEPS_CSV
+    # rank 0 alone touches the step log (others would truncate it under its feet)
+    steps_csv = StepCSV(steps_path, COLUMNS, truncate_from=start) if ctx.is_main else None
+    if steps_csv is not None and start:
+        _check_history(steps_csv.read(), start, steps_path, out)
     if ctx.world_size > 1:  # rank 0 decided (and set aside a stale checkpoint); the others follow
         flag = [start]
         torch.distributed.broadcast_object_list(flag, src=0)
@@ -119,8 +135,6 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         for (imgs, _), masks_enc, masks_pred in itertools.islice(loader, start_step - first, None):
             yield normalize(imgs, device), masks_enc, masks_pred
 
-    # rank 0 alone touches the step log (others would truncate it under its feet)
-    steps_csv = StepCSV(ctx.root / "metrics/pretrain_steps.csv", COLUMNS, truncate_from=start) if ctx.is_main else None
     bar = tqdm(total=ipe * pre.epochs, initial=start, desc="pretrain", disable=not ctx.is_main, mininterval=5)
 
     def on_step(log) -> None:
@@ -129,7 +143,7 @@ def _run(params: dict, ctx, tracker, device) -> dict:
             steps_csv.write(row)
             tracker.log_metrics({k: row[k] for k in COLUMNS[2:]}, step=log.step)
         bar.update(1)
-        bar.set_postfix(loss=f"{log.loss:.4f}", epoch=log.epoch)
+        bar.set_postfix(loss=f"{log.loss:.4f}", epoch=log.epoch, refresh=False)
 
     t0 = time.perf_counter()
     result = pretrain(
@@ -186,7 +200,12 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         "first_epoch_loss": round(sum(first) / max(len(first), 1), 5),
         "steps": result["step"],
         "epochs": result["epoch"],
-        "images_per_second": round((result["step"] - start) * pre.batch_size * ctx.world_size / seconds, 1),
+        # None when this invocation trained no step (a finished run re-entered after a code change)
+        "images_per_second": (
+            round((result["step"] - start) * pre.batch_size * ctx.world_size / seconds, 1)
+            if result["step"] > start
+            else None
+        ),
         "ipe": ipe,
         "world_size": ctx.world_size,
         "effective_batch_size": pre.batch_size * ctx.world_size,
@@ -200,7 +219,7 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         f"I-JEPA pretraining ({model.name}, {data.crop_size}/{data.patch_size})",
     )
     tracker.log_artifact(png, "plots")
-    tracker.log_artifact(ctx.root / "metrics/pretrain_steps.csv", "metrics")
+    tracker.log_artifact(steps_path, "metrics")
     tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
     return metrics
 

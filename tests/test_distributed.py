@@ -23,6 +23,7 @@ from pipeline.params import section
 from pipeline.schema import ParamError
 from pipeline.stage import run_stage
 from stages import prepare
+from stages import pretrain as pretrain_stage
 
 from .conftest import TINY, step_batches, tiny_collator
 from .test_data import mini_fashion_mnist
@@ -165,6 +166,21 @@ def _project(root: Path, epochs: int) -> tuple[Path, dict]:
 
 def _weights(root: Path) -> dict:
     return read_checkpoint(root / "models/pretrain/jepa-latest.pth.tar")["target_encoder"]
+
+
+def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(tmp_path):
+    """`dvc repro` after a code change re-enters a finished run: no step trained, the loss metrics unchanged."""
+    root, params = _project(tmp_path / "p", 1)
+    first = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    again = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert first["images_per_second"] > 0 and again["images_per_second"] is None
+    for k in ("final_loss", "first_epoch_loss", "steps"):
+        assert again[k] == first[k], k
+    csv_path = root / "metrics/pretrain_steps.csv"
+    csv_path.unlink()  # what DVC did to a non-persistent output before re-running the stage
+    with pytest.raises(RuntimeError, match=r"pretrain_steps\.csv holds 0 step rows but .* resumes at step 22"):
+        run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert (root / "models/pretrain/jepa-latest.pth.tar").is_file()  # the checkpoint is left alone
 
 
 @pytest.mark.slow

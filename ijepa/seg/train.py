@@ -114,7 +114,7 @@ def train_segmentation(
             value = loss.item()
             running, n, step = running + value, n + 1, step + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", epoch=epoch)
+            bar.set_postfix(loss=f"{value:.3f}", epoch=epoch, refresh=False)
             if on_step is not None:
                 on_step({"step": step, "epoch": epoch, "loss": value, "lr": lr})
         history.append({"epoch": epoch + 1, "loss": running / max(n, 1), "lr": lr})
