@@ -1,4 +1,4 @@
-"""Demo segmentation scenes: Fashion-MNIST items alpha-blended onto crops of real photographs and textures.
+"""Demo segmentation scenes: Fashion-MNIST items alpha-blended onto darkened grey crops of real photographs.
 
 The backgrounds are the images that ship inside scikit-image (``skimage.data``) and scikit-learn
 (``load_sample_images``), so nothing is downloaded. Train and val scenes use disjoint background pools
@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
+from scipy import ndimage
 from tqdm import tqdm
 
 from ..data.sources import FASHION_MNIST_CLASSES, read_fashion_mnist
@@ -85,31 +86,41 @@ def make_scene(
     n_items: tuple[int, int],
     item_scale: tuple[float, float],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (H, W, 3) RGB image and (H, W, 3) RGB colour mask."""
+    """One scene: (H, W, 3) RGB image and (H, W, 3) RGB colour mask.
+
+    The recipe of ``shared/reference/datasets.md`` section 5: a grey crop of a real photo, darkened
+    (x0.15-0.5) with random contrast, so items keep the bright-on-dark look of Fashion-MNIST; items pasted
+    with soft alpha ``clip(item / 12, 0, 1)`` (no dark outline to cheat on) and a random gain; the label of an
+    item is ``fill_holes(closing(item > 12))``, so its dark interior still belongs to it; a one-pixel ring
+    outside each item is the ignored boundary; later items cover earlier ones.
+    """
     h, w = size
     bg = backgrounds[rng.integers(len(backgrounds))]
     zoom = rng.uniform(1.0, min(bg.shape[0] / h, bg.shape[1] / w))
     ch, cw = int(h * zoom), int(w * zoom)
     y, x = rng.integers(0, bg.shape[0] - ch + 1), rng.integers(0, bg.shape[1] - cw + 1)
-    img = cv2.resize(bg[y : y + ch, x : x + cw], (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    crop = cv2.resize(bg[y : y + ch, x : x + cw], (w, h), interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    contrast = rng.uniform(0.6, 1.4)
+    img = np.clip((grey - grey.mean()) * contrast + grey.mean(), 0, 255) * rng.uniform(0.15, 0.5)
     ids = np.zeros((h, w), np.int64)
-    alpha_max = np.zeros((h, w), np.float32)
     for _ in range(rng.integers(n_items[0], n_items[1] + 1)):
         k = rng.integers(len(items))
         s = round(28 * rng.uniform(*item_scale))
-        item = cv2.resize(items[k], (s, s), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+        item = cv2.resize(items[k], (s, s), interpolation=cv2.INTER_LINEAR).astype(np.float32)
         iy, ix = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-        alpha = np.clip(item * 1.6, 0.0, 1.0)
-        tint = rng.uniform(0.45, 1.0, size=3).astype(np.float32) * 255.0
+        alpha = np.clip(item / 12.0, 0.0, 1.0)
         region = img[iy : iy + s, ix : ix + s]
-        region[:] = region * (1 - alpha[..., None]) + (item[..., None] * tint) * alpha[..., None]
-        sub_ids, sub_alpha = ids[iy : iy + s, ix : ix + s], alpha_max[iy : iy + s, ix : ix + s]
-        sub_ids[alpha >= 0.5] = int(labels[k]) + 1  # later items cover earlier ones
-        sub_ids[(alpha > 0.15) & (alpha < 0.5)] = -1  # ambiguous blend: boundary
-        np.maximum(sub_alpha, alpha, out=sub_alpha)
+        region[:] = region * (1 - alpha) + item * rng.uniform(0.7, 1.0) * alpha
+        solid = ndimage.binary_fill_holes(ndimage.binary_closing(item > 12, iterations=1))
+        ring = ndimage.binary_dilation(solid) & ~solid
+        sub = ids[iy : iy + s, ix : ix + s]
+        sub[ring] = -1  # boundary (ignored), unless a later item covers it
+        sub[solid] = int(labels[k]) + 1
     colors = np.asarray(class_config()["LABEL_COLORS_LIST"], np.uint8)
     mask = np.where(ids[..., None] >= 0, colors[np.clip(ids, 0, None)], np.asarray(BOUNDARY, np.uint8))
-    return np.clip(img, 0, 255).round().astype(np.uint8), mask.astype(np.uint8)
+    img = np.repeat(np.clip(img, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
+    return img, mask.astype(np.uint8)
 
 
 def generate_scenes(
