@@ -52,8 +52,8 @@ def _resume_step(out: Path, phash: str) -> int:
 
 def _check_history(rows: list[dict], start: int, path: Path, out: Path) -> None:
     """A resumed run needs the loss rows of the steps before its checkpoint: its metrics and plot use them."""
-    if [int(r["step"]) for r in rows] != list(range(start)):
-        raise RuntimeError(
+    if [int(r["step"]) for r in rows] != list(range(start)):  # FileNotFoundError: the stage CLI prints one line
+        raise FileNotFoundError(
             f"{path} holds {len(rows)} step rows but {out / 'jepa-latest.pth.tar'} resumes at step {start}: the "
             f"loss history of the run being resumed is missing or incomplete; restore {path}, or delete {out} "
             "to train from scratch"

@@ -178,7 +178,7 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
         assert again[k] == first[k], k
     csv_path = root / "metrics/pretrain_steps.csv"
     csv_path.unlink()  # what DVC did to a non-persistent output before re-running the stage
-    with pytest.raises(RuntimeError, match=r"pretrain_steps\.csv holds 0 step rows but .* resumes at step 22"):
+    with pytest.raises(FileNotFoundError, match=r"pretrain_steps\.csv holds 0 step rows but .* resumes at step 22"):
         run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert (root / "models/pretrain/jepa-latest.pth.tar").is_file()  # the checkpoint is left alone
 
