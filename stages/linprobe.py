@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ijepa.eval.features import load_features
 from ijepa.eval.linear import train_linear_grid
-from pipeline.outputs import write_json
+from pipeline.outputs import new_figure, save_figure, write_json
 from pipeline.params import section
 from pipeline.stage import main
 
@@ -64,12 +64,8 @@ def run(params: dict, ctx, tracker) -> dict:
 
 
 def _plot(rows: list[dict], metrics: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(rows)), 4))
+    fig, axes = new_figure(1, 1, (max(6, 0.35 * len(rows)), 4))
+    ax = axes[0, 0]
     colors = {"pretrained": "tab:blue", "random_init": "tab:gray", "pixels": "tab:orange"}
     ax.bar(range(len(rows)), [r["val_top1"] for r in rows], color=[colors[r["encoder"]] for r in rows])
     ax.set_xticks(range(len(rows)), [f"{r['encoder'][:6]} {r['head']}" for r in rows], rotation=90, fontsize=7)
@@ -81,11 +77,7 @@ def _plot(rows: list[dict], metrics: dict, path: Path) -> Path:
         f"{metrics['random_init_top1']:.3f}, pixels {metrics['pixels_top1']:.3f})",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":
