@@ -82,7 +82,8 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
     objective = section(params, "objective")
     check_mask_geometry(mask, data)
-    n_train = read_manifest(ctx.root / SHARDS)["splits"]["train"]["count"]
+    train_split = read_manifest(ctx.root / SHARDS)["splits"]["train"]
+    n_train = train_split["count"]
     ipe = n_train // (pre.batch_size * ctx.world_size)
     if ipe < 1:
         raise ParamError(
@@ -90,8 +91,13 @@ def _run(params: dict, ctx, tracker, device) -> dict:
             "training images: not one full batch per epoch"
         )
     urls = shard_urls(ctx.root / SHARDS, "train")
-    # the world size changes the effective batch and each rank's data: part of what a checkpoint continues
-    phash = params_hash({**{s: params[s] for s in SECTIONS if s != "tracking"}, "world_size": ctx.world_size})
+    # What a checkpoint continues: its params, the world size (effective batch, each rank's data) and the
+    # training shards themselves (new data from another `prepare` must start afresh, never "resume" a run
+    # that already finished on other images).
+    train_shards = params_hash([s["sha256"] for s in train_split["shards"]])
+    phash = params_hash(
+        {**{s: params[s] for s in SECTIONS if s != "tracking"}, "world_size": ctx.world_size, "train": train_shards}
+    )
     out = ctx.root / OUT
     start = _resume_step(out, phash) if ctx.is_main else 0
     steps_path = ctx.root / STEPS_CSV

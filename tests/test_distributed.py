@@ -10,6 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -26,7 +27,7 @@ from stages import prepare
 from stages import pretrain as pretrain_stage
 
 from .conftest import TINY, step_batches, tiny_collator
-from .test_data import mini_fashion_mnist
+from .test_data import mini_fashion_mnist, write_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_BATCH, IPE = 8, 3
@@ -178,9 +179,29 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
         assert again[k] == first[k], k
     csv_path = root / "metrics/pretrain_steps.csv"
     csv_path.unlink()  # what DVC did to a non-persistent output before re-running the stage
-    with pytest.raises(FileNotFoundError, match=r"pretrain_steps\.csv holds 0 step rows but .* resumes at step 22"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"pretrain_steps\.csv holds 0 step rows but .* resumes at step {first['steps']}:"
+    ):
         run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert (root / "models/pretrain/jepa-latest.pth.tar").is_file()  # the checkpoint is left alone
+
+
+def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
+    """Same params, other training images of the same count (so the same steps per epoch): the finished
+    checkpoint is set aside and pretraining starts at step 0 (it used to count as finished and train nothing)."""
+    root, params = _project(tmp_path / "p", 1)
+    first = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    before = _weights(root)
+    other = tmp_path / "other-fm"
+    shutil.copytree(tmp_path / "p-fm", other)
+    write_idx(other / "train-images-idx3-ubyte.gz", np.random.default_rng(1).integers(0, 255, (200, 28, 28)), 2051)
+    params["prepare"]["source"]["dir"] = str(other)
+    run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
+    again = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert again["images_per_second"] is not None and again["steps"] == first["steps"]
+    stale = list((root / "models").glob("pretrain.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "jepa-latest.pth.tar").is_file()  # kept for inspection
+    assert not torch.equal(_weights(root)["module.patch_embed.proj.weight"], before["module.patch_embed.proj.weight"])
 
 
 @pytest.mark.slow
