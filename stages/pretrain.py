@@ -46,7 +46,7 @@ def _resume_step(out: Path, phash: str) -> int:
         return int(meta["step"])
     stale = out.with_name(out.name + f".stale-{int(time.time())}")
     shutil.move(out, stale)  # different params: keep it for inspection, never resume from it
-    print(f"pretrain: {latest} was trained with other params; moved to {stale}, starting fresh")
+    print(f"pretrain: {latest} was trained with other params or training data; moved to {stale}, starting fresh")
     return 0
 
 
