@@ -1,7 +1,8 @@
 """pretrain: I-JEPA on data/shards/train -> models/pretrain/jepa-latest.pth.tar, loss/lr/EMA curves.
 
 An interrupted run resumes from the latest checkpoint on the next ``dvc repro`` (the output is persistent);
-a checkpoint written under different params or a different world size is set aside, never resumed.
+a checkpoint written under different params, a different world size or other training shards is set aside
+(moved to ``models/pretrain.stale-<time>``), never resumed.
 
 Distributed: run under ``torchrun --nproc_per_node N -m stages.pretrain`` or ``make pretrain-slurm``
 (submitit); each rank reads its own shards, DDP averages gradients, the logged loss is all-reduced and
@@ -45,7 +46,7 @@ def _resume_step(out: Path, phash: str) -> int:
     if meta.get("params", {}).get("params_hash") == phash:
         return int(meta["step"])
     stale = out.with_name(out.name + f".stale-{int(time.time())}")
-    shutil.move(out, stale)  # different params: keep it for inspection, never resume from it
+    shutil.move(out, stale)  # other params or data: keep it for inspection, never resume from it
     print(f"pretrain: {latest} was trained with other params or training data; moved to {stale}, starting fresh")
     return 0
 

@@ -153,7 +153,12 @@ def _project(root: Path, epochs: int) -> tuple[Path, dict]:
     src = root.parent / f"{root.name}-fm"
     if not src.exists():
         mini_fashion_mnist(src, 200, 20)
-    params["prepare"] |= {"source": params["prepare"]["source"] | {"dir": str(src)}, "shard_size": 32}
+    # 180 training images (the step counts asserted below), whatever the demo's split
+    params["prepare"] |= {
+        "source": params["prepare"]["source"] | {"dir": str(src)},
+        "shard_size": 32,
+        "val_fraction": 0.1,
+    }
     params["model"] |= {"depth": 1, "pred_depth": 1, "pred_emb_dim": 48}
     params["pretrain"] |= {"epochs": epochs, "batch_size": 8}
     params["data"] |= {"num_workers": 1}

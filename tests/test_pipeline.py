@@ -25,6 +25,7 @@ TEST_OVERLAY = """# @package _global_
 defaults:
   - debug
 prepare:
+  val_fraction: 0.1 # the counts asserted below, whatever the demo's split
   source:
     dir: fixtures/fm
 seg_prepare:

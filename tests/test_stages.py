@@ -53,6 +53,7 @@ def project(tmp_path_factory):
     params["prepare"] |= {
         "source": params["prepare"]["source"] | {"dir": str(mini_fashion_mnist(root / "fm", 200, 60))},
         "shard_size": 64,
+        "val_fraction": 0.1,  # the counts asserted below, whatever the demo's split
     }
     ckpt = str(official_checkpoint(root / "IN1K-vit.t.4-official.pth.tar"))
     params["extract"] |= {"checkpoint": ckpt, "batch_size": 64, "num_workers": 0}
