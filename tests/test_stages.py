@@ -60,6 +60,7 @@ def project(tmp_path_factory):
     params["linprobe"] |= {"epochs": 5, "lrs": [0.01, 0.1]}
     params["search"] |= {"grid_queries": 3, "k": 3}
     params["finetune"] |= {"checkpoint": ckpt, "epochs": 2, "batch_size": 32, "num_workers": 0, "warmup_epochs": 0.5}
+    params["finetune"] |= {"mixup": 0.8, "cutmix": 1.0}  # the whole MAE recipe (the demo turns mixing off)
     params["seg_prepare"] |= {"fashion_mnist_dir": str(root / "fm"), "train_images": 16, "val_images": 6}
     params["seg_train"] |= {"checkpoint": ckpt, "epochs": 1, "batch_size": 8, "num_workers": 0}
     params["seg_eval"] |= {"overlays": 2, "num_workers": 0}
