@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .jepa import JEPA
-from .models.vit import MLP, VisionTransformer, VisionTransformerPredictor, apply_masks, repeat_interleave_batch
+from .models.vit import (
+    MLP,
+    VisionTransformer,
+    VisionTransformerPredictor,
+    apply_masks,
+    attention,
+    repeat_interleave_batch,
+)
 
 
 def window_candidates(grid: tuple[int, int], window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +83,7 @@ class ClassAttention(nn.Module):
         q = self.q(x[:, :1]).reshape(m, 1, self.num_heads, hd).transpose(1, 2)
         kv = self.kv(x).reshape(m, length, 2, self.num_heads, hd).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+        out = attention(q, kv[0], kv[1], mask)
         return self.proj(out.transpose(1, 2).reshape(m, 1, d))
 
 

@@ -72,7 +72,7 @@ def train_epoch(
         epoch: for logging.
         start_step, end_step: global step range of this call.
         device: where tensors go.
-        bf16: bf16 autocast on CUDA.
+        bf16: bf16 autocast (CUDA or CPU, ``ijepa.device.autocast``).
         reduce_loss: averages the detached loss over ranks (distributed runs) for logging and checks.
         on_step: receives a ``StepLog`` after every step.
         should_stop: asked after every step; True ends the call early at that step boundary (preemption).

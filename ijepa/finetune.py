@@ -1,6 +1,6 @@
 """Full finetuning with the MAE recipe: AdamW, lr scaled by batch size, warmup then cosine, layer-wise lr
 decay, stochastic depth, MixUp/CutMix with label smoothing, real gradient accumulation, optional model EMA,
-bf16 on CUDA. Upstream's scheduler sets one lr for every group, which is why the forks could not decay
+bf16 autocast (CUDA or CPU). Upstream's scheduler sets one lr for every group, which is why the forks could not decay
 layer-wise; here each param group carries an ``lr_scale``.
 """
 

@@ -125,6 +125,48 @@ def test_sdpa_matches_explicit_attention(name):
         assert (enc(x) - explicit_encoder_forward(enc, x)).abs().max() <= 1e-5
 
 
+def test_cpu_attention_matches_fused_sdpa_values_and_gradients():
+    from ijepa.models.vit import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 25, 32, generator=g, requires_grad=True) for _ in range(3))
+    out = attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert (out - ref).abs().max() <= 1e-5
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    refs = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(grads, refs, strict=True))
+    mask = torch.rand(3, 1, 1, 25, generator=g) > 0.3  # DMT-JEPA's key mask (True = attend)
+    mask[..., 0] = True
+    assert (attention(q, k, v, mask) - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() <= 1e-5
+
+
+def test_bf16_autocast_keeps_the_residual_stream_fp32():
+    """As upstream: positions (and the predictor's mask token) are added in fp32, so every block returns fp32
+    under CPU bf16 autocast, and the error against fp32 stays at the level of bf16 matmuls alone."""
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny", patch_size=4, img_size=28, depth=6).eval()
+    pred = create_predictor("vit_tiny", patch_size=4, img_size=28, predictor_embed_dim=96, depth=4, embed_dim=192)
+    x = torch.randn(8, 3, 28, 28)
+    ctx_idx, tgt_idx = torch.arange(30).repeat(8, 1), torch.arange(30, 40).repeat(8, 1)
+    dtypes = []
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for b in [*enc.blocks, *pred.predictor_blocks]
+    ]
+    with torch.no_grad():
+        ref_t, ref_p = enc(x), pred(enc(x, [ctx_idx]), [ctx_idx], [tgt_idx])
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = enc(x)
+            p = pred(enc(x, [ctx_idx]), [ctx_idx], [tgt_idx])
+    for h in hooks:
+        h.remove()
+    assert dtypes and set(dtypes) == {torch.float32}
+    rel = (tokens.float() - ref_t).norm() / ref_t.norm()
+    rel_p = (p.float() - ref_p).norm() / ref_p.norm()
+    assert rel < 0.01 and rel_p < 0.01, (float(rel), float(rel_p))
+
+
 def test_sincos_official_channel_order():
     d, g = 16, 4
     emb = sincos_2d(d, g)

@@ -49,7 +49,7 @@ def extract_features(
         encoders: name -> encoder in eval mode on ``device``; all see the very same batches.
         batches: (images as the loader gives them, labels (B,), keys) — e.g. ``ijepa.data.eval_loader``.
         prepare: loader images -> model input on ``device`` (``ijepa.data.loaders.Normalize``).
-        bf16: autocast on CUDA.
+        bf16: bf16 autocast (CUDA or CPU).
         pixel_size: also return "pixels": the normalised input average-pooled to this side, flattened.
         progress: progress-bar label (None: no bar); total: number of batches for the bar.
     Returns:

@@ -6,7 +6,12 @@ Parameter names and registration order equal the official state dicts (``patch_e
 so official weights load strictly and optimizer states line up index by index.
 
 Differences from upstream, all deliberate:
-- attention runs through ``F.scaled_dot_product_attention`` (same maths, fused kernels);
+- attention runs through ``F.scaled_dot_product_attention`` (same maths, fused kernels) on accelerators; on
+  the CPU it is written out (softmax(q k^T / sqrt(d)) v), which PyTorch's CPU flash kernel is far slower than
+  for short token sequences (its bf16 backward alone was 40% of a demo training step:
+  ``benchmarks/bench_pretrain_step.py`` prints both);
+- under bf16 autocast the residual stream stays float32, as upstream's does: positional embeddings and the
+  mask token are added in float32 (the bf16 patch embedding is promoted), never cast down to bf16 first;
 - the encoder accepts any input size whose sides the patch size divides: the positional table is
   resampled bicubically (upstream crashes there, issue #42); non-square inputs are allowed;
 - initialisation is what upstream *effectively* uses: ``helper.init_model`` re-initialises every Linear
@@ -111,8 +116,23 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = attention(qkv[0], qkv[1], qkv[2])
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors; ``mask`` (broadcastable to the scores,
+    True = attend) as ``scaled_dot_product_attention``'s boolean ``attn_mask``.
+
+    Fused ``scaled_dot_product_attention`` on accelerators; written out on the CPU, where the fused kernel's
+    backward is several times slower for the short sequences of small images (the same maths either way).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 class Block(nn.Module):
@@ -219,7 +239,8 @@ class VisionTransformer(nn.Module):
         """
         grid = self.grid_for(x.shape[-2], x.shape[-1])
         x = self.patch_embed(x)
-        x = x + resample_pos_embed(self.pos_embed, self.grid_size, grid).to(x.dtype)
+        # float32 positions promote a bf16 patch embedding: the residual stream stays fp32 under autocast
+        x = x + resample_pos_embed(self.pos_embed, self.grid_size, grid)
         if masks is not None:
             x = apply_masks(x, [masks] if isinstance(masks, torch.Tensor) else masks)
         return x
@@ -321,11 +342,11 @@ class VisionTransformerPredictor(nn.Module):
         """
         batch = x.size(0) // len(masks_x)
         x = self.predictor_embed(x)
-        pos = self.predictor_pos_embed.expand(batch, -1, -1).to(x.dtype)
+        pos = self.predictor_pos_embed.expand(batch, -1, -1)  # fp32: keeps the residual stream fp32 under autocast
         x = x + apply_masks(pos, masks_x)
         n_ctx = x.size(1)
         pos_t = repeat_interleave_batch(apply_masks(pos, masks), batch, repeat=len(masks_x))
-        pred = self.mask_token.to(x.dtype) + pos_t
+        pred = self.mask_token + pos_t
         x = torch.cat([x.repeat(len(masks), 1, 1), pred], dim=1)
         for blk in self.predictor_blocks:
             x = blk(x)

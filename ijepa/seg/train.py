@@ -76,7 +76,7 @@ def train_segmentation(
     desc: str = "seg_train",
     on_step: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Cross-entropy (ignore 255), AdamW, warmup + poly/cosine per step, bf16 autocast on CUDA.
+    """Cross-entropy (ignore 255), AdamW, warmup + poly/cosine per step, bf16 autocast (CUDA or CPU).
 
     Returns:
         per-epoch {"epoch", "loss", "lr"} (the final weights are what is kept: no selection on validation).
