@@ -4,7 +4,8 @@ Formulas follow upstream ``src/utils/schedulers.py`` and ``src/train.py``: the v
 step s (0-based) is the scheduler's (s + 1)-th ``step()`` for lr and wd, and the s-th momentum value.
 All are defined over ``T = int(ipe_scale * epochs * ipe)`` steps while training stops after
 ``epochs * ipe`` steps (``ipe_scale > 1`` stretches the schedules, as upstream).
-Deliberate difference: past T (``ipe_scale < 1``) the cosine stays at its final value instead of rising.
+Deliberate differences: past T (``ipe_scale < 1``) the cosine stays at its final value instead of rising,
+and the EMA momentum stays at its final value instead of growing past it (above 1).
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def cosine_ramp(steps: int, *, ref: float, final: float, t_max: int) -> np.ndarr
 
 
 def linear_momentum(steps: int, *, start: float, end: float, t_max: float) -> np.ndarray:
-    """EMA momentum per step: start + s * (end - start) / t_max (the first step uses ``start``)."""
-    return start + np.arange(steps, dtype=np.float64) * (end - start) / t_max
+    """EMA momentum per step: start + s * (end - start) / t_max (the first step uses ``start``), never past
+    ``end`` (upstream's rises above 1 after t_max when ``ipe_scale < 1``, pushing the target away from the
+    encoder)."""
+    m = start + np.arange(steps, dtype=np.float64) * (end - start) / t_max
+    return np.minimum(m, end) if end >= start else np.maximum(m, end)
 
 
 def make_schedules(

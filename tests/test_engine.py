@@ -64,6 +64,16 @@ def test_schedules_match_upstream_formulas():
     assert np.all(np.diff(full.wd) >= 0)
 
 
+def test_ema_momentum_never_passes_its_final_value():
+    """With ipe_scale < 1 upstream's momentum rises above 1 (49 of 100 steps here); ours stops at 1."""
+    kw = dict(warmup_epochs=1, start_lr=0, lr=1, final_lr=0.01, weight_decay=0.04, final_weight_decay=0.4)
+    s = make_schedules(ipe=10, epochs=10, ema=(0.996, 1.0), ipe_scale=0.5, **kw)
+    upstream = 0.996 + np.arange(100) * 0.004 / 50
+    assert (upstream > 1).sum() == 49
+    assert s.momentum.max() == 1.0 and (s.momentum == 1.0).sum() == 50
+    assert np.allclose(s.momentum[:50], upstream[:50]) and np.all(np.diff(s.momentum) >= 0)
+
+
 def test_loss_is_smooth_l1_on_layer_normed_targets(tiny_spec):
     jepa = build_jepa(tiny_spec, seed=0)
     c = tiny_collator()
