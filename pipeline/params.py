@@ -46,6 +46,7 @@ class DataParams:
     gaussian_blur: bool = False
     num_workers: int = spec(2, non_negative, "be >= 0")
     shuffle_buffer: int = spec(1000, positive, "be > 0")
+    in_memory: bool = False  # decode the train split once and build batches in-process (small data sets)
 
     def validate(self):
         if self.crop_size % self.patch_size:
@@ -196,6 +197,7 @@ class ExtractParams:
     batch_size: int = spec(256, positive, "be > 0")
     num_workers: int = spec(1, non_negative, "be >= 0")
     pixel_size: int = spec(16, positive, "be > 0")
+    bf16: bool = True
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
 
 
@@ -255,6 +257,7 @@ class FinetuneParams:
     ema_decay: float = spec(0.9999, lambda x: 0 < x < 1, "be in (0, 1)")
     bf16: bool = True
     num_workers: int = spec(1, non_negative, "be >= 0")
+    in_memory: bool = False  # decode every split once and build batches in-process (small data sets)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
 
 

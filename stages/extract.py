@@ -49,6 +49,7 @@ def run(params: dict, ctx, tracker) -> dict:
             loader,
             prepare=lambda x: normalize(x, device),
             device=device,
+            bf16=p.bf16,
             pixel_size=p.pixel_size,
             progress=f"extract {split}",
             total=-(-info["count"] // p.batch_size),

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from ijepa.checkpoint import load_encoder
 from ijepa.data import eval_loader, eval_transform, pretrain_loader, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
+from ijepa.data.memory import decode_split, memory_batches, memory_eval_batches
 from ijepa.device import pick_device
 from ijepa.finetune import (
     Classifier,
@@ -58,25 +59,21 @@ def run(params: dict, ctx, tracker) -> dict:
     )
     normalize = Normalize(pre.mean, pre.std)
     urls = {s: shard_urls(ctx.root / SHARDS, s) for s in manifest["splits"]}
+    # in_memory: every split decoded once for all epochs, batches built in this process
+    decoded = {s: decode_split(u, setting="finetune.in_memory") for s, u in urls.items()} if p.in_memory else {}
+    eval_tf = eval_transform(crop, pre.resize_size)
 
     def train_batches(epoch):
-        return pretrain_loader(
-            urls["train"],
-            batch_size=p.batch_size,
-            collator=None,
-            transform=train_tf,
-            batches_per_epoch=steps * p.accum_steps,
-            epoch=epoch,
-            seed=seed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            num_workers=p.num_workers,
-        )
+        stream = dict(batch_size=p.batch_size, collator=None, transform=train_tf, epoch=epoch, seed=seed)
+        stream |= dict(batches_per_epoch=steps * p.accum_steps, rank=ctx.rank, world_size=ctx.world_size)
+        if decoded:
+            return memory_batches(decoded["train"], **stream)
+        return pretrain_loader(urls["train"], num_workers=p.num_workers, **stream)
 
     def eval_batches(split):
-        return eval_loader(
-            urls[split], batch_size=256, transform=eval_transform(crop, pre.resize_size), num_workers=p.num_workers
-        )
+        if decoded:
+            return memory_eval_batches(decoded[split], batch_size=256, transform=eval_tf)
+        return eval_loader(urls[split], batch_size=256, transform=eval_tf, num_workers=p.num_workers)
 
     bar = tqdm(total=steps * p.epochs, desc="finetune", mininterval=5)
     result = train_classifier(

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ijepa.checkpoint import load_checkpoint_meta
 from ijepa.data import pretrain_loader, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
+from ijepa.data.memory import decode_split, memory_batches
 from ijepa.device import pick_device
 from ijepa.distributed import all_reduce_mean, any_rank, env_from_os, init_distributed, shutdown, wrap_ddp
 from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
@@ -121,25 +122,24 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     )
     normalize = Normalize()
 
+    split = decode_split(urls, setting="data.in_memory") if data.in_memory else None  # decoded once for every epoch
+
     def make_batches(epoch: int, start_step: int):
         # the epoch's stream is fixed by (seed, epoch, rank) and masks by the step: a run resumed inside an
         # epoch (after a preemption) rebuilds the epoch and skips the batches it already trained on
         first = epoch * ipe
-        collator.set_start_step(first)
-        loader = pretrain_loader(
-            urls,
-            batch_size=pre.batch_size,
-            collator=collator,
-            transform=transform,
-            batches_per_epoch=ipe,
-            epoch=epoch,
-            seed=seed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            num_workers=data.num_workers,
-            shuffle_buffer=data.shuffle_buffer,
-        )
-        for (imgs, _), masks_enc, masks_pred in itertools.islice(loader, start_step - first, None):
+        stream = dict(batch_size=pre.batch_size, collator=collator, transform=transform, batches_per_epoch=ipe)
+        stream |= dict(epoch=epoch, seed=seed, rank=ctx.rank, world_size=ctx.world_size)
+        if split is not None:
+            loader = memory_batches(split, start=start_step - first, **stream)
+        else:
+            collator.set_start_step(first)
+            loader = itertools.islice(
+                pretrain_loader(urls, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, **stream),
+                start_step - first,
+                None,
+            )
+        for (imgs, _), masks_enc, masks_pred in loader:
             yield normalize(imgs, device), masks_enc, masks_pred
 
     bar = tqdm(total=ipe * pre.epochs, initial=start, desc="pretrain", disable=not ctx.is_main, mininterval=5)

@@ -147,8 +147,9 @@ def test_env_and_launcher_errors(monkeypatch, tmp_path):
 # -- the pretrain stage as a submitit job -------------------------------------------------------------
 
 
-def _project(root: Path, epochs: int) -> tuple[Path, dict]:
-    """A project folder with real shards of 180 training images and tiny-model params."""
+def _project(root: Path, epochs: int, in_memory: bool = True) -> tuple[Path, dict]:
+    """A project folder with real shards of 180 training images and tiny-model params (``in_memory``: the
+    demo's decoded split; False: the streaming loader with one worker)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     src = root.parent / f"{root.name}-fm"
     if not src.exists():
@@ -161,7 +162,7 @@ def _project(root: Path, epochs: int) -> tuple[Path, dict]:
     }
     params["model"] |= {"depth": 1, "pred_depth": 1, "pred_emb_dim": 48}
     params["pretrain"] |= {"epochs": epochs, "batch_size": 8}
-    params["data"] |= {"num_workers": 1}
+    params["data"] |= {"num_workers": 1, "in_memory": in_memory}
     params["tracking"]["enabled"] = False
     root.mkdir(parents=True)
     shutil.copytree(ROOT / "params", root / "params")  # the launcher groups `launcher=slurm` loads
@@ -210,11 +211,12 @@ def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streaming"])
+def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path, in_memory):
     """2 local tasks under submitit; USR2 arrives 10 s in, on every run: stop, save, requeue, resume."""
     epochs = 36  # ~400 steps, ~20 s of training here: interrupted at least once at 10 s after each start
-    root, params = _project(tmp_path / "cut", epochs)
-    ref_root, ref_params = _project(tmp_path / "ref", epochs)
+    root, params = _project(tmp_path / "cut", epochs, in_memory)
+    ref_root, ref_params = _project(tmp_path / "ref", epochs, in_memory)
     lp = section(params, "launcher")
     lp = dataclasses.replace(lp, tasks_per_node=2, max_requeues=10)
 

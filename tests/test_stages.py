@@ -61,6 +61,7 @@ def project(tmp_path_factory):
     params["search"] |= {"grid_queries": 3, "k": 3}
     params["finetune"] |= {"checkpoint": ckpt, "epochs": 2, "batch_size": 32, "num_workers": 0, "warmup_epochs": 0.5}
     params["finetune"] |= {"mixup": 0.8, "cutmix": 1.0}  # the whole MAE recipe (the demo turns mixing off)
+    params["finetune"] |= {"in_memory": False}  # the streaming loaders (the pipeline test runs the demo's in memory)
     params["seg_prepare"] |= {"fashion_mnist_dir": str(root / "fm"), "train_images": 16, "val_images": 6}
     params["seg_train"] |= {"checkpoint": ckpt, "epochs": 1, "batch_size": 8, "num_workers": 0}
     params["seg_eval"] |= {"overlays": 2, "num_workers": 0}
