@@ -10,19 +10,31 @@ export PYTHONPATH := $(CURDIR)
 # DVC runs `python -m stages.<name>`: the project's .venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UI_PORT ?= 5000
+SEEDS ?= 0 1 2
+OBJECTIVE ?= ijepa
+PREFIX ?= seeds
 
-.PHONY: help setup repro params test test-fast lint format bench ui clean pretrain-slurm slurm-up slurm-down
+.PHONY: help setup repro seeds seed-table params test test-fast lint format bench ui clean pretrain-slurm slurm-up slurm-down
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}' | sed 's/$$(UI_PORT)/$(UI_PORT)/'
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh scripts/install_system_deps.sh
 	bash scripts/setup.sh
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and install the Debian packages
 
-repro: $(STAMP) ## run the whole DVC chain on the built-in demo data (dvc repro)
-	dvc repro
+repro: $(STAMP) ## run the whole DVC chain on the built-in demo data (dvc repro), then print each stage's time
+	$(PY) scripts/time_repro.py
+
+seeds: $(STAMP) ## the whole chain once per seed as DVC experiments (SEEDS="0 1 2" OBJECTIVE=ijepa|dmt_jepa ARGS="-S ..."), then the seed table
+	for s in $(SEEDS); do \
+		dvc exp run --temp -n $(PREFIX)-$(OBJECTIVE)-seed$$s -S seed=$$s -S objective=$(OBJECTIVE) $(ARGS) || exit 1; \
+	done
+	$(PY) scripts/seed_table.py --prefix $(PREFIX)
+
+seed-table: $(STAMP) ## print the seed table of the experiments `make seeds` ran (PREFIX=seeds)
+	$(PY) scripts/seed_table.py --prefix $(PREFIX)
 
 pretrain-slurm: $(STAMP) ## submit pretraining to SLURM via submitit (ARGS="launcher.nodes=2 launcher.partition=gpu --wait"), then `dvc commit pretrain`
 	$(PY) -m pipeline.launch launcher=slurm $(ARGS)
@@ -56,6 +68,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 bench: $(STAMP) ## run the benchmarks (medians printed; numbers quoted in README)
 	$(PY) benchmarks/bench_collator.py
 	$(PY) benchmarks/bench_pretrain_step.py
+	$(PY) benchmarks/bench_demo_loading.py
 	$(PY) benchmarks/bench_data.py
 
 clean: ## remove caches (keeps .venv, data and mlflow.db)

@@ -1,35 +1,89 @@
-"""One full I-JEPA training step (forward, backward, AdamW, EMA) on this machine's device.
+"""One full I-JEPA training step (forward, backward, AdamW, EMA): images/s and achieved GFLOP/s, side by side
+with what this machine reaches on a large matmul of the same dtype, measured in the same run.
 
-Setting from the foundation issue: vit_tiny/16 at 224, batch 8, predictor depth 6 and width 384,
-paper masks. Median of 15 timed steps after 3 warm-ups, every variant on the same replayed masks.
+Two settings:
+- the demo (``make repro``): vit_tiny width with 6 blocks at 28 px / patch 4, batch 64, predictor 4 x 96,
+  2 target blocks (params/model/vit_demo.yaml, params/mask/demo.yaml);
+- the foundation issue's: vit_tiny/16 at 224, batch 8, predictor 6 x 384, paper masks.
 
-    python benchmarks/bench_pretrain_step.py
+Variants, each on the same replayed masks and weights:
+- ``fp32 + SDPA``: the step before the speed work (fp32, ``F.scaled_dot_product_attention`` on the CPU too),
+  which ran at the official implementation's speed: the baseline every ratio is taken against;
+- ``fp32``: the project's fp32 path (attention written out on the CPU, ``ijepa.models.vit.attention``);
+- ``bf16 + SDPA``: bf16 autocast with the fused CPU attention kernel;
+- ``bf16``: the project's default (``optim.bf16: true``: bf16 autocast, attention written out on the CPU);
+- ``bf16 + fused AdamW``: the same with ``torch.optim.AdamW(fused=True)``.
+
+FLOPs of a step are counted once with ``torch.utils.flop_counter`` (matmuls and attention; a multiply-add is
+2 FLOPs). Median of ``--repeats`` timed steps after 3 warm-ups.
+
+    python benchmarks/bench_pretrain_step.py [--repeats 15] [--skip-224]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import fmt, measure
 
+import ijepa.models.vit as vit
 from ijepa.device import pick_device
 from ijepa.engine import build_optimizer, train_epoch
 from ijepa.masks import MultiBlockMaskCollator
 from ijepa.pretrain import ModelSpec, build_jepa
 from ijepa.schedules import make_schedules
 
-PAPER = dict(
+PAPER_MASKS = dict(
     enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=10
 )
+DEMO_MASKS = dict(PAPER_MASKS, npred=2, min_keep=4)
+SETTINGS = {
+    "demo": dict(
+        spec=ModelSpec("vit_tiny", 4, 28, pred_depth=4, pred_emb_dim=96, overrides={"depth": 6}),
+        batch=64,
+        masks=DEMO_MASKS,
+        label="demo: vit_tiny x6 @28/4, B=64, pred 4x96",
+    ),
+    "224": dict(
+        spec=ModelSpec("vit_tiny", 16, 224, pred_depth=6, pred_emb_dim=384),
+        batch=8,
+        masks=PAPER_MASKS,
+        label="vit_tiny/16 @224, B=8, pred 6x384",
+    ),
+}
+VARIANTS = {  # name: (bf16, fused SDPA on the CPU, fused AdamW)
+    "fp32 + SDPA (baseline)": (False, True, False),
+    "fp32": (False, False, False),
+    "bf16 + SDPA": (True, True, False),
+    "bf16 (default)": (True, False, False),
+    "bf16 + fused AdamW": (True, False, True),
+}
+_WRITTEN_OUT = vit.attention
 
 
-def bench(pred_depth: int, device: torch.device, bf16: bool) -> dict:
-    jepa = build_jepa(ModelSpec("vit_tiny", 16, 224, pred_depth=pred_depth, pred_emb_dim=384), seed=0).to(device)
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def machine_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    """GFLOP/s of an n x n x n matmul in ``dtype`` on the CPU (median of 10)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    r = measure(lambda: torch.mm(a, b), warmup=3, repeats=10)
+    return 2 * n**3 / (r["median"] / 1000) / 1e9
+
+
+def _setup(setting: dict, device: torch.device, fused_adamw: bool):
+    jepa = build_jepa(setting["spec"], seed=0).to(device)
     opt = build_optimizer(jepa)
+    if fused_adamw:
+        opt = torch.optim.AdamW(jepa.param_groups(), lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=True)
     sched = make_schedules(
         ipe=1000,
         epochs=1,
@@ -41,43 +95,76 @@ def bench(pred_depth: int, device: torch.device, bf16: bool) -> dict:
         final_weight_decay=0.4,
         ema=(0.996, 1.0),
     )
-    coll = MultiBlockMaskCollator(224, 16, **PAPER)
-    imgs = torch.randn(8, 3, 224, 224)
-    batches = [(imgs, *coll.sample(8, s)) for s in range(18)]
-    state = {"step": 0}
+    spec, bs = setting["spec"], setting["batch"]
+    coll = MultiBlockMaskCollator(spec.img_size, spec.patch_size, **setting["masks"])
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.randn(bs, 3, spec.img_size, spec.img_size, generator=gen).to(device)
+    batches = [(imgs, *coll.sample(bs, s)) for s in range(20)]
+    return jepa, opt, sched, batches
 
-    def one_step():
-        s = state["step"]
-        train_epoch(
-            jepa,
-            opt,
-            sched,
-            [batches[s % len(batches)]],
-            epoch=0,
-            start_step=s,
-            end_step=s + 1,
-            device=device,
-            bf16=bf16,
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        state["step"] += 1
 
-    return measure(one_step, warmup=3, repeats=15)
+def step_flops(setting: dict, device: torch.device) -> float:
+    """FLOPs of one forward + backward, averaged over the replayed masks' first 5 batches."""
+    jepa, _, _, batches = _setup(setting, device, False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for imgs, me, mp in batches[:5]:
+            jepa(imgs, me, mp)["loss"].backward()
+    return counter.get_total_flops() / 5
+
+
+def bench(setting: dict, device: torch.device, bf16: bool, fused_sdpa: bool, fused_adamw: bool, repeats: int):
+    vit.attention = _sdpa if fused_sdpa else _WRITTEN_OUT
+    try:
+        jepa, opt, sched, batches = _setup(setting, device, fused_adamw)
+        state = {"step": 0}
+
+        def one_step():
+            s = state["step"]
+            train_epoch(
+                jepa,
+                opt,
+                sched,
+                [batches[s % len(batches)]],
+                epoch=0,
+                start_step=s,
+                end_step=s + 1,
+                device=device,
+                bf16=bf16,
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            state["step"] += 1
+
+        return measure(one_step, warmup=3, repeats=repeats)
+    finally:
+        vit.attention = _WRITTEN_OUT
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--skip-224", action="store_true", help="time the demo setting only")
+    args = ap.parse_args()
     device = pick_device("auto")
-    bf16 = device.type == "cuda"
-    print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}"
-    )
-    r6 = bench(6, device, bf16)
-    print(fmt("train step vit_tiny/16@224 B=8, predictor 6 x 384", r6))
-    r12 = bench(12, device, bf16)
-    print(fmt("train step vit_tiny/16@224 B=8, predictor 12 x 384", r12))
-    print(f"predictor depth 12 / depth 6: {r12['median'] / r6['median']:.2f}x")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    peak = {"fp32": machine_gflops(torch.float32), "bf16": machine_gflops(torch.bfloat16)}
+    print(f"machine: 2048^3 matmul  fp32 {peak['fp32']:.0f} GFLOP/s   bf16 {peak['bf16']:.0f} GFLOP/s")
+    for key, setting in SETTINGS.items():
+        if key == "224" and args.skip_224:
+            continue
+        flops = step_flops(setting, device)
+        print(f"-- {setting['label']}: {flops / 1e9:.1f} GFLOP per step")
+        base = None
+        for name, (bf16, fused_sdpa, fused_adamw) in VARIANTS.items():
+            r = bench(setting, device, bf16, fused_sdpa, fused_adamw, args.repeats)
+            sec = r["median"] / 1000
+            base = base or sec
+            dtype = "bf16" if bf16 else "fp32"
+            print(
+                f"{fmt(name, r)}   {setting['batch'] / sec:7.1f} img/s  {flops / sec / 1e9:6.1f} GFLOP/s "
+                f"({100 * flops / sec / 1e9 / peak[dtype]:.0f}% of {dtype} matmul)  {base / sec:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""Turn `dvc exp show --json` into the README's seed table: one row per experiment, then mean +- spread.
+
+Reads the experiments of the current commit whose names start with ``--prefix`` (``make seeds`` names
+them ``<prefix>-<objective>-seed<N>``), groups them by objective and prints a Markdown table of the
+gate's numbers: linear-probe top-1 (pretrained, random-init encoder, raw pixels, the gap), k-NN top-1 at
+k = 10 (pretrained, random init), segmentation mIoU (pretrained, random init) and finetuning top-1.
+Each group ends with its mean and sample standard deviation; ``--check`` exits 1 unless every seed of
+every group meets the demo gate (probe gap >= 5 points, k-NN and segmentation above random init).
+
+    python scripts/seed_table.py [--prefix seeds] [--check] [--json exp_show.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+COLUMNS = [  # (header, metrics file, key path, scale)
+    ("probe", "metrics/linprobe.json", ("top1",), 100),
+    ("probe rand", "metrics/linprobe.json", ("random_init_top1",), 100),
+    ("probe pixels", "metrics/linprobe.json", ("pixels_top1",), 100),
+    ("k-NN k10", "metrics/knn.json", ("top1", "k10"), 100),
+    ("k-NN rand", "metrics/knn.json", ("random_init_top1", "k10"), 100),
+    ("seg mIoU", "metrics/seg_eval.json", ("miou",), 100),
+    ("seg rand", "metrics/seg_eval.json", ("random_init_miou",), 100),
+    ("finetune", "metrics/finetune.json", ("top1",), 100),
+]
+
+
+def _dig(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def experiments(show: list[dict], prefix: str) -> list[dict]:
+    """Flatten `dvc exp show --json` into {name, seed, objective, <column>: value} for matching names."""
+    rows = []
+    for commit in show:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name") or ""
+                data = rev.get("data") or {}
+                if not name.startswith(prefix) or rev.get("error") or not data:
+                    continue
+                params = _dig(data, ("params", "params.yaml", "data")) or {}
+                row = {"name": name, "seed": params.get("seed"), "objective": _dig(params, ("objective", "name"))}
+                for header, path, keys, scale in COLUMNS:
+                    value = _dig(data, ("metrics", path, "data", *keys))
+                    row[header] = None if value is None else value * scale
+                rows.append(row)
+    return sorted(rows, key=lambda r: (str(r["objective"]), r["seed"] if r["seed"] is not None else -1))
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def _gap(row: dict):
+    return None if row["probe"] is None or row["probe rand"] is None else row["probe"] - row["probe rand"]
+
+
+def meets_gate(row: dict) -> bool:
+    gap = _gap(row)
+    return (
+        gap is not None
+        and gap >= 5.0
+        and None not in (row["k-NN k10"], row["k-NN rand"], row["seg mIoU"], row["seg rand"])
+        and row["k-NN k10"] > row["k-NN rand"]
+        and row["seg mIoU"] > row["seg rand"]
+    )
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["objective", "seed", "probe", "probe rand", "gap", "probe pixels"] + [h for h, *_ in COLUMNS[3:]]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r["objective"]), []).append(r)
+    for objective, group in groups.items():
+        for r in group:
+            cells = [objective, str(r["seed"]), _fmt(r["probe"]), _fmt(r["probe rand"]), _fmt(_gap(r))]
+            cells += [_fmt(r["probe pixels"])] + [_fmt(r[h]) for h, *_ in COLUMNS[3:]]
+            lines.append("| " + " | ".join(cells) + " |")
+        if len(group) > 1:
+            cells = [f"**{objective} mean +- sd**", f"{len(group)} seeds"]
+            for h in ["probe", "probe rand", "gap", "probe pixels"] + [h for h, *_ in COLUMNS[3:]]:
+                vals = [_gap(r) if h == "gap" else r[h] for r in group]
+                vals = [v for v in vals if v is not None]
+                cells.append(f"{statistics.mean(vals):.1f} +- {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefix", default="seeds", help="experiment name prefix (make seeds PREFIX=...)")
+    ap.add_argument("--json", help="read this saved `dvc exp show --json` output instead of running dvc")
+    ap.add_argument("--check", action="store_true", help="exit 1 unless every seed meets the demo gate")
+    args = ap.parse_args()
+    if args.json:
+        with open(args.json) as f:
+            show = json.load(f)
+    else:
+        out = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+        show = json.loads(out)
+    rows = experiments(show, args.prefix)
+    if not rows:
+        sys.exit(f"no experiment named {args.prefix}* in `dvc exp show`: run `make seeds` first")
+    print(table(rows))
+    if args.check:
+        failed = [r["name"] for r in rows if not meets_gate(r)]
+        if failed:
+            sys.exit(f"gate not met (probe gap >= 5, k-NN and seg above random init) by: {', '.join(failed)}")
+        print(f"gate met by all {len(rows)} experiments")
+
+
+if __name__ == "__main__":
+    main()

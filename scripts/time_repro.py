@@ -1,0 +1,71 @@
+"""Run `dvc repro` (arguments passed through) and report each stage's wall time and the peak memory.
+
+DVC's own output is passed through unchanged. A stage's time runs from DVC's "Running stage '<name>'" line to
+the next stage's (or to the end), so it includes the stage's Python start-up and DVC's bookkeeping; stages
+DVC skipped as unchanged are listed as cached. Peak memory is the largest resident set of any process of
+the run (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the biggest single stage, not their sum).
+
+    python scripts/time_repro.py [--json FILE] [-- dvc repro arguments]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+
+START = re.compile(rb"Running stage '([^']+)'")
+SKIP = re.compile(rb"Stage '([^']+)' didn't change, skipping")
+
+
+def run(args: list[str]) -> tuple[int, dict]:
+    """Run ``dvc repro *args``; returns (exit code, {"stages": {name: seconds or None}, "total_s", "peak_rss_mb"})."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["dvc", "repro", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    order: list[tuple[str, float]] = []
+    seen = b""
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        seen += chunk
+        now = time.perf_counter()
+        order += [(name.decode(), now) for name in START.findall(seen)[len(order) :]]
+    cached = [name.decode() for name in SKIP.findall(seen)]
+    code = proc.wait()
+    end = time.perf_counter()
+    stages = {}
+    for i, (name, begin) in enumerate(order):
+        stages[name] = round((order[i + 1][1] if i + 1 < len(order) else end) - begin, 1)
+    for name in cached:
+        stages.setdefault(name, None)
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return code, {"stages": stages, "total_s": round(end - t0, 1), "peak_rss_mb": round(peak_mb)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="also write the timings to this JSON file")
+    ap.add_argument("dvc_args", nargs="*", help="passed to `dvc repro` (after --)")
+    args = ap.parse_args()
+    code, report = run(args.dvc_args)
+    ran = {k: v for k, v in report["stages"].items() if v is not None}
+    print(f"\n{'stage':<14}{'seconds':>9}")
+    for name, sec in report["stages"].items():
+        print(f"{name:<14}{'cached' if sec is None else f'{sec:.1f}':>9}")
+    print(
+        f"{'stages':<14}{sum(ran.values()):>9.1f}   (dvc repro in all: {report['total_s']:.1f} s; "
+        f"peak memory of one process {report['peak_rss_mb']} MB)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
