@@ -7,9 +7,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_encoder
-from ijepa.data import eval_loader, eval_transform, pretrain_loader, pretrain_transform, read_manifest, shard_urls
+from ijepa.data import eval_loader, eval_transform, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
-from ijepa.data.memory import decode_split, memory_batches, memory_eval_batches
+from ijepa.data.memory import decode_split, epoch_batches, memory_eval_batches
 from ijepa.device import pick_device
 from ijepa.finetune import (
     Classifier,
@@ -64,11 +64,11 @@ def run(params: dict, ctx, tracker) -> dict:
     eval_tf = eval_transform(crop, pre.resize_size)
 
     def train_batches(epoch):
-        stream = dict(batch_size=p.batch_size, collator=None, transform=train_tf, epoch=epoch, seed=seed)
-        stream |= dict(batches_per_epoch=steps * p.accum_steps, rank=ctx.rank, world_size=ctx.world_size)
-        if decoded:
-            return memory_batches(decoded["train"], **stream)
-        return pretrain_loader(urls["train"], num_workers=p.num_workers, **stream)
+        return epoch_batches(
+            decoded.get("train", urls["train"]), collator=None, batches_per_epoch=steps * p.accum_steps,
+            epoch=epoch, num_workers=p.num_workers, batch_size=p.batch_size, transform=train_tf, seed=seed,
+            rank=ctx.rank, world_size=ctx.world_size,
+        )  # fmt: skip
 
     def eval_batches(split):
         if decoded:

@@ -11,7 +11,6 @@ only rank 0 writes. ``pretrain.batch_size`` is per rank: the effective batch is 
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import time
@@ -21,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_checkpoint_meta
-from ijepa.data import pretrain_loader, pretrain_transform, read_manifest, shard_urls
+from ijepa.data import pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
-from ijepa.data.memory import decode_split, memory_batches
+from ijepa.data.memory import decode_split, epoch_batches
 from ijepa.device import pick_device
 from ijepa.distributed import all_reduce_mean, any_rank, env_from_os, init_distributed, shutdown, wrap_ddp
 from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
@@ -127,18 +126,12 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     def make_batches(epoch: int, start_step: int):
         # the epoch's stream is fixed by (seed, epoch, rank) and masks by the step: a run resumed inside an
         # epoch (after a preemption) rebuilds the epoch and skips the batches it already trained on
-        first = epoch * ipe
-        stream = dict(batch_size=pre.batch_size, collator=collator, transform=transform, batches_per_epoch=ipe)
-        stream |= dict(epoch=epoch, seed=seed, rank=ctx.rank, world_size=ctx.world_size)
-        if split is not None:
-            loader = memory_batches(split, start=start_step - first, **stream)
-        else:
-            collator.set_start_step(first)
-            loader = itertools.islice(
-                pretrain_loader(urls, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, **stream),
-                start_step - first,
-                None,
-            )
+        loader = epoch_batches(
+            split if split is not None else urls, collator=collator, batches_per_epoch=ipe, epoch=epoch,
+            start=start_step - epoch * ipe, batch_size=pre.batch_size, transform=transform, seed=seed,
+            rank=ctx.rank, world_size=ctx.world_size, num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer,
+        )  # fmt: skip
         for (imgs, _), masks_enc, masks_pred in loader:
             yield normalize(imgs, device), masks_enc, masks_pred
 

@@ -13,6 +13,7 @@ step, as in the streaming loader.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from .loaders import _image_bytes, _seed, build_batch, decode_array
+from .loaders import _image_bytes, _seed, build_batch, decode_array, pretrain_loader
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,26 @@ def memory_eval_batches(split: DecodedSplit, *, batch_size: int, transform) -> I
     for lo in range(0, len(split), batch_size):
         hi = min(lo + batch_size, len(split))
         yield build_batch(split.images[lo:hi], transform), split.labels[lo:hi], split.keys[lo:hi]
+
+
+def epoch_batches(
+    source: DecodedSplit | Sequence[str],
+    *,
+    collator,
+    batches_per_epoch: int,
+    epoch: int,
+    start: int = 0,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    **stream,
+) -> Iterator[tuple]:
+    """Batches ``start ..`` of one training epoch from a decoded split (``memory_batches``) or from shards
+    (``pretrain_loader`` with ``num_workers`` and ``shuffle_buffer``, its first ``start`` batches skipped);
+    ``stream`` holds the arguments both take (batch_size, transform, seed, rank, world_size)."""
+    common = dict(collator=collator, batches_per_epoch=batches_per_epoch, epoch=epoch, **stream)
+    if isinstance(source, DecodedSplit):
+        return memory_batches(source, start=start, **common)
+    if collator is not None:
+        collator.set_start_step(epoch * batches_per_epoch)
+    loader = pretrain_loader(source, num_workers=num_workers, shuffle_buffer=shuffle_buffer, **common)
+    return itertools.islice(loader, start, None)
