@@ -12,18 +12,21 @@ Variants, each on the same replayed masks and weights:
 - ``fp32``: the project's fp32 path (attention written out on the CPU, ``ijepa.models.vit.attention``);
 - ``bf16 + SDPA``: bf16 autocast with the fused CPU attention kernel;
 - ``bf16``: the project's default (``optim.bf16: true``: bf16 autocast, attention written out on the CPU);
-- ``bf16 + fused AdamW``: the same with ``torch.optim.AdamW(fused=True)``.
+- ``bf16 + fused AdamW``: the same with ``torch.optim.AdamW(fused=True)``;
+- with ``--compile``, ``bf16 + torch.compile``: ``torch.compile(dynamic=True)`` (mask lengths change every
+  batch, so static shapes would recompile); the first steps' compile time is printed apart.
 
 FLOPs of a step are counted once with ``torch.utils.flop_counter`` (matmuls and attention; a multiply-add is
 2 FLOPs). Median of ``--repeats`` timed steps after 3 warm-ups.
 
-    python benchmarks/bench_pretrain_step.py [--repeats 15] [--skip-224]
+    python benchmarks/bench_pretrain_step.py [--repeats 15] [--skip-224] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -58,13 +61,14 @@ SETTINGS = {
         label="vit_tiny/16 @224, B=8, pred 6x384",
     ),
 }
-VARIANTS = {  # name: (bf16, fused SDPA on the CPU, fused AdamW)
-    "fp32 + SDPA (baseline)": (False, True, False),
-    "fp32": (False, False, False),
-    "bf16 + SDPA": (True, True, False),
-    "bf16 (default)": (True, False, False),
-    "bf16 + fused AdamW": (True, False, True),
+VARIANTS = {  # name: (bf16, fused SDPA on the CPU, fused AdamW, torch.compile)
+    "fp32 + SDPA (baseline)": (False, True, False, False),
+    "fp32": (False, False, False, False),
+    "bf16 + SDPA": (True, True, False, False),
+    "bf16 (default)": (True, False, False, False),
+    "bf16 + fused AdamW": (True, False, True, False),
 }
+COMPILED = {"bf16 + torch.compile": (True, False, False, True)}
 _WRITTEN_OUT = vit.attention
 
 
@@ -113,10 +117,27 @@ def step_flops(setting: dict, device: torch.device) -> float:
     return counter.get_total_flops() / 5
 
 
-def bench(setting: dict, device: torch.device, bf16: bool, fused_sdpa: bool, fused_adamw: bool, repeats: int):
+class _Compiled(torch.nn.Module):
+    """``torch.compile`` of the JEPA forward; the EMA update stays eager."""
+
+    def __init__(self, jepa):
+        super().__init__()
+        self.jepa, self.fwd = jepa, torch.compile(jepa, dynamic=True)
+
+    def forward(self, *args):
+        return self.fwd(*args)
+
+    def update_target(self, momentum: float) -> None:
+        self.jepa.update_target(momentum)
+
+
+def bench(setting: dict, device: torch.device, variant: tuple, repeats: int):
+    bf16, fused_sdpa, fused_adamw, compiled = variant
     vit.attention = _sdpa if fused_sdpa else _WRITTEN_OUT
     try:
         jepa, opt, sched, batches = _setup(setting, device, fused_adamw)
+        if compiled:
+            jepa = _Compiled(jepa)
         state = {"step": 0}
 
         def one_step():
@@ -136,6 +157,11 @@ def bench(setting: dict, device: torch.device, bf16: bool, fused_sdpa: bool, fus
                 torch.cuda.synchronize()
             state["step"] += 1
 
+        if compiled:  # compilation happens in the first steps (and again when shapes specialise)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                one_step()
+            print(f"  torch.compile: the first 3 steps took {time.perf_counter() - t0:.1f} s")
         return measure(one_step, warmup=3, repeats=repeats)
     finally:
         vit.attention = _WRITTEN_OUT
@@ -145,6 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--skip-224", action="store_true", help="time the demo setting only")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
     args = ap.parse_args()
     device = pick_device("auto")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
@@ -156,8 +183,9 @@ def main() -> None:
         flops = step_flops(setting, device)
         print(f"-- {setting['label']}: {flops / 1e9:.1f} GFLOP per step")
         base = None
-        for name, (bf16, fused_sdpa, fused_adamw) in VARIANTS.items():
-            r = bench(setting, device, bf16, fused_sdpa, fused_adamw, args.repeats)
+        for name, variant in (VARIANTS | (COMPILED if args.compile else {})).items():
+            r = bench(setting, device, variant, args.repeats)
+            bf16 = variant[0]
             sec = r["median"] / 1000
             base = base or sec
             dtype = "bf16" if bf16 else "fp32"

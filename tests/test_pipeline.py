@@ -88,8 +88,15 @@ def mlflow_runs(repo: Path, filter_string: str = ""):
 
 
 def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
-    r = sh(repo, "dvc", "repro")
+    r = sh(repo, sys.executable, "scripts/time_repro.py", "--json", "chain_time.json")  # what `make repro` runs
     assert "Running stage 'prepare'" in r.stdout and "Running stage 'pretrain'" in r.stdout
+    timed = json.loads((repo / "chain_time.json").read_text())
+    assert list(timed["stages"]) == [
+        *("prepare", "pretrain", "extract", "linprobe", "knn", "search", "finetune"),
+        *("seg_prepare", "seg_train", "seg_eval"),
+    ]
+    assert all(t > 0 for t in timed["stages"].values()) and sum(timed["stages"].values()) <= timed["total_s"]
+    assert timed["peak_rss_mb"] > 100 and "peak memory of one process" in r.stdout
     prep = json.loads((repo / "metrics/prepare.json").read_text())
     assert prep["train_images"] == 110 and prep["val_images"] == 10 and prep["test_images"] == 40
     pre = json.loads((repo / "metrics/pretrain.json").read_text())
@@ -133,6 +140,23 @@ def test_exp_run_with_set_params(repo):
     assert "pretrain" in stages and "prepare" not in stages  # prepare's params did not change: not rerun
     assert stages["pretrain"].data.params["model.name"] == "vit_small"
     assert stages["pretrain"].data.metrics["steps"] == 2 * (110 // 16)
+
+
+def test_seed_runs_and_their_table(repo):
+    """What `make seeds` runs for one seed (an experiment in a temporary copy), then its table."""
+    before = (repo / "metrics/linprobe.json").read_text()
+    sh(repo, "dvc", "exp", "run", "--temp", "-n", "seeds-ijepa-seed1", "-S", "seed=1", "-S", "objective=ijepa")
+    r = sh(repo, sys.executable, "scripts/seed_table.py", "--prefix", "seeds")
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| ijepa | 1 |"))
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    from scripts.seed_table import experiments
+
+    (exp,) = experiments(shown, "seeds")
+    assert exp["seed"] == 1 and exp["objective"] == "ijepa" and exp["probe"] is not None
+    assert f"| {exp['probe']:.1f} | {exp['probe rand']:.1f} | {exp['probe'] - exp['probe rand']:.1f} |" in row
+    assert (repo / "metrics/linprobe.json").read_text() == before  # the workspace is left as it was
+    r = sh(repo, sys.executable, "scripts/seed_table.py", "--prefix", "nothing-such", check=False)
+    assert r.returncode != 0 and "no experiment named nothing-such*" in r.stderr
 
 
 def test_queued_sweep_keeps_its_mlflow_artifacts(repo):
