@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 COLUMNS = [  # (header, metrics file, key path, scale)
     ("probe", "metrics/linprobe.json", ("top1",), 100),
@@ -43,6 +45,10 @@ def experiments(show: list[dict], prefix: str) -> list[dict]:
     rows = []
     for commit in show:
         for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            if state in ("queued", "running", "failed"):  # no results of its own yet (or none at all)
+                print(f"skipped {exp.get('name')}: {state}", file=sys.stderr)
+                continue
             for rev in exp.get("revs") or []:
                 name = rev.get("name") or exp.get("name") or ""
                 data = rev.get("data") or {}
@@ -57,8 +63,8 @@ def experiments(show: list[dict], prefix: str) -> list[dict]:
     return sorted(rows, key=lambda r: (str(r["objective"]), r["seed"] if r["seed"] is not None else -1))
 
 
-def _fmt(v) -> str:
-    return "" if v is None else f"{v:.1f}"
+def _fmt(v, digits: int = 1) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
 
 
 def _gap(row: dict):
@@ -84,7 +90,7 @@ def table(rows: list[dict]) -> str:
         groups.setdefault(str(r["objective"]), []).append(r)
     for objective, group in groups.items():
         for r in group:
-            cells = [objective, str(r["seed"]), _fmt(r["probe"]), _fmt(r["probe rand"]), _fmt(_gap(r))]
+            cells = [objective, str(r["seed"]), _fmt(r["probe"]), _fmt(r["probe rand"]), _fmt(_gap(r), 2)]
             cells += [_fmt(r["probe pixels"])] + [_fmt(r[h]) for h, *_ in COLUMNS[3:]]
             lines.append("| " + " | ".join(cells) + " |")
         if len(group) > 1:
@@ -92,7 +98,8 @@ def table(rows: list[dict]) -> str:
             for h in ["probe", "probe rand", "gap", "probe pixels"] + [h for h, *_ in COLUMNS[3:]]:
                 vals = [_gap(r) if h == "gap" else r[h] for r in group]
                 vals = [v for v in vals if v is not None]
-                cells.append(f"{statistics.mean(vals):.1f} +- {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+                d = 2 if h == "gap" else 1  # the gap is read against the gate's 5 points
+                cells.append(f"{statistics.mean(vals):.{d}f} +- {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -107,7 +114,11 @@ def main() -> None:
         with open(args.json) as f:
             show = json.load(f)
     else:
-        out = subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+        beside = Path(sys.executable).parent / "dvc"  # the project's .venv, when it is not on PATH
+        dvc = str(beside) if beside.exists() else shutil.which("dvc")
+        if dvc is None:
+            sys.exit("dvc not found: run `make seed-table`, or activate the project's .venv")
+        out = subprocess.run([dvc, "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
         show = json.loads(out)
     rows = experiments(show, args.prefix)
     if not rows:

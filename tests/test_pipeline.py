@@ -153,7 +153,7 @@ def test_seed_runs_and_their_table(repo):
 
     (exp,) = experiments(shown, "seeds")
     assert exp["seed"] == 1 and exp["objective"] == "ijepa" and exp["probe"] is not None
-    assert f"| {exp['probe']:.1f} | {exp['probe rand']:.1f} | {exp['probe'] - exp['probe rand']:.1f} |" in row
+    assert f"| {exp['probe']:.1f} | {exp['probe rand']:.1f} | {exp['probe'] - exp['probe rand']:.2f} |" in row
     assert (repo / "metrics/linprobe.json").read_text() == before  # the workspace is left as it was
     r = sh(repo, sys.executable, "scripts/seed_table.py", "--prefix", "nothing-such", check=False)
     assert r.returncode != 0 and "no experiment named nothing-such*" in r.stderr
