@@ -99,7 +99,8 @@ def table(rows: list[dict]) -> str:
                 vals = [_gap(r) if h == "gap" else r[h] for r in group]
                 vals = [v for v in vals if v is not None]
                 d = 2 if h == "gap" else 1  # the gap is read against the gate's 5 points
-                cells.append(f"{statistics.mean(vals):.{d}f} +- {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else "")
+                spread = f"{statistics.mean(vals):.{d}f} +- {statistics.stdev(vals):.{d}f}"
+                cells.append(spread if len(vals) > 1 else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
