@@ -36,10 +36,6 @@ class DecodedSplit:
     def __len__(self) -> int:
         return len(self.keys)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.images)
-
 
 def decode_split(urls: Sequence[str], max_bytes: int = 2 << 30, setting: str = "in_memory") -> DecodedSplit:
     """Read and decode every sample of ``urls`` (in shard order).
