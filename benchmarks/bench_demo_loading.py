@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ijepa.data import find_fashion_mnist, prepare_fashion_mnist, pretrain_loader, pretrain_transform, shard_urls
+from ijepa.data import find_fashion_mnist, prepare_fashion_mnist, pretrain_transform, shard_urls
 from ijepa.data.loaders import Normalize
-from ijepa.data.memory import decode_split, memory_batches
+from ijepa.data.memory import decode_split, epoch_batches
 from ijepa.engine import build_optimizer, train_epoch
 from ijepa.masks import MultiBlockMaskCollator
 from ijepa.pretrain import ModelSpec, build_jepa
@@ -64,12 +64,11 @@ def main() -> None:
         )  # fmt: skip
         normalize = Normalize()
 
-        def loader(kind: str, epoch: int):
-            common = dict(batch_size=BATCH, collator=coll, transform=transform, batches_per_epoch=ipe, epoch=epoch)
-            if kind == "in memory":
-                return memory_batches(split, **common)
-            coll.set_start_step(epoch * ipe)
-            return pretrain_loader(urls, num_workers=1 if kind == "stream, 1 worker" else 0, **common)
+        def loader(kind: str, epoch: int):  # the dispatch the pretrain stage uses
+            return epoch_batches(
+                split if kind == "in memory" else urls, collator=coll, batches_per_epoch=ipe, epoch=epoch,
+                num_workers=1 if kind == "stream, 1 worker" else 0, batch_size=BATCH, transform=transform,
+            )  # fmt: skip
 
         jepa = build_jepa(ModelSpec("vit_tiny", 4, 28, pred_depth=4, pred_emb_dim=96, overrides={"depth": 6}), 0)
         opt = build_optimizer(jepa)
