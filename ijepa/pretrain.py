@@ -94,6 +94,8 @@ def pretrain(
     on_step: Callable[[StepLog], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    monitor: Callable[[torch.nn.Module, int], None] | None = None,
+    monitor_every: int = 0,
     params: Mapping | None = None,
 ) -> dict:
     """Train I-JEPA for ``optim.epochs * ipe`` steps, resuming from ``out_dir/jepa-latest.pth.tar``.
@@ -115,6 +117,10 @@ def pretrain(
         on_step, on_epoch: callbacks (step logs; (epoch done, mean loss)).
         should_stop: asked after every step (same answer on every rank); True saves a checkpoint at that
             step, mid-epoch if need be, and returns with ``stopped`` set (SLURM preemption / time limit).
+        monitor: ``(target encoder, steps done)``, called before the first step of a fresh run, after every
+            ``monitor_every`` steps (0: never) and at each epoch end (e.g. ``ijepa.monitor.HealthMonitor``
+            feeding a log); it must not draw random numbers. Every rank calls it (the target encoders are
+            identical), so an exception it raises stops all ranks alike.
         params: stored in checkpoint metadata.
     Returns:
         {"step", "epoch", "loss", "checkpoint", "stopped"}.
@@ -154,6 +160,16 @@ def pretrain(
     runner = wrap(jepa) if wrap is not None else jepa
     meta_params = {"model": asdict(model), "optim": asdict(optim), "ipe": ipe, **dict(params or {})}
     stopped = False
+
+    def after_step(log: StepLog) -> None:
+        if on_step is not None:
+            on_step(log)
+        done = log.step + 1
+        if monitor is not None and (done % ipe == 0 or (monitor_every and done % monitor_every == 0)):
+            monitor(jepa.target_encoder, done)
+
+    if monitor is not None and step == 0:
+        monitor(jepa.target_encoder, 0)
     for epoch in range(step // ipe, optim.epochs):
         step, loss = train_epoch(
             runner,
@@ -166,7 +182,7 @@ def pretrain(
             device=device,
             bf16=optim.bf16,
             reduce_loss=reduce_loss,
-            on_step=on_step,
+            on_step=after_step,
             should_stop=should_stop,
         )
         stopped = step < (epoch + 1) * ipe

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -94,11 +94,25 @@ class OptimParams:
 
 
 @dataclass(frozen=True)
+class MonitorParams:
+    """Health monitors of the target encoder during pretraining (``ijepa.monitor``)."""
+
+    enabled: bool = True
+    every: int = spec(0, non_negative, "be >= 0 (steps; 0: only at epoch ends)")
+    bank: int = spec(1000, positive, "be > 0 (training images, the k-NN bank)")
+    queries: int = spec(500, positive, "be > 0 (validation images)")
+    k: int = spec(20, positive, "be > 0")
+    min_rank: float = spec(0.0, non_negative, "be >= 0 (0: never warn)")
+    stop_on_collapse: bool = False
+
+
+@dataclass(frozen=True)
 class PretrainParams:
     epochs: int = spec(300, positive, "be > 0")
     batch_size: int = spec(128, positive, "be > 0 (per rank)")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     save_every_epochs: int = spec(0, non_negative, "be >= 0")
+    monitor: MonitorParams = field(default_factory=MonitorParams)
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,7 @@ class ExtractParams:
     batch_size: int = spec(256, positive, "be > 0")
     num_workers: int = spec(1, non_negative, "be >= 0")
     pixel_size: int = spec(16, positive, "be > 0")
+    tokens: bool = False  # also keep the last layer's patch tokens (float16) for the attentive probe
     bf16: bool = True
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
 
@@ -216,6 +231,32 @@ class LinprobeParams:
 
 
 @dataclass(frozen=True)
+class AttnprobeParams:
+    enabled: bool = True  # false: the stage records that it did not run (no token cache at ImageNet scale)
+    lrs: tuple[float, ...] = spec((1e-3,), lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    num_heads: int = spec(4, positive, "be > 0 (fewer where they do not divide the token width)")
+    epochs: int = spec(20, positive, "be > 0")
+    batch_size: int = spec(256, positive, "be > 0")
+    weight_decay: float = spec(0.01, non_negative, "be >= 0")
+    warmup_epochs: float = spec(1.0, non_negative, "be >= 0")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+
+@dataclass(frozen=True)
+class LowshotParams:
+    shots: tuple[int, ...] = spec((1, 5, 10), lambda v: all(k > 0 for k in v), "be positive")
+    fractions: tuple[float, ...] = spec((0.01,), lambda v: all(0 < f <= 1 for f in v), "be in (0, 1]")
+    subsets: int = spec(3, positive, "be > 0 (seeded training subsets per protocol)")
+    poolings: tuple[str, ...] = spec(
+        ("avg_last",), lambda v: len(v) > 0 and set(v) <= {"avg_last", "avg_last4"}, "be avg_last / avg_last4"
+    )
+    lrs: tuple[float, ...] = spec((0.01, 0.1), lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    batchnorm: tuple[bool, ...] = spec((False,), lambda v: len(v) > 0, "be a non-empty list")
+    epochs: int = spec(50, positive, "be > 0")
+    batch_size: int = spec(256, positive, "be > 0")
+
+
+@dataclass(frozen=True)
 class KnnParams:
     ks: tuple[int, ...] = spec((10, 20, 100, 200), lambda v: len(v) > 0 and min(v) > 0, "be positive")
     temperature: float = spec(0.07, positive, "be > 0")
@@ -231,6 +272,7 @@ class SearchParams:
 
 
 SECTIONS |= {"extract": ExtractParams, "linprobe": LinprobeParams, "knn": KnnParams, "search": SearchParams}
+SECTIONS |= {"attnprobe": AttnprobeParams, "lowshot": LowshotParams}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ijepa.engine import NonFiniteLossError
+from ijepa.monitor import CollapseError
+
 from .context import StageContext, seed_everything
 from .params import load_params, section
 from .schema import ParamError
@@ -48,10 +51,11 @@ def run_stage(
 
 
 def main(name: str, run: RunFn, sections: Sequence[str]) -> None:
-    """CLI wrapper: known errors become one clear line on stderr and exit code 2."""
+    """CLI wrapper: known errors (and a training run stopped by a non-finite loss or by the collapse monitor)
+    become one clear line on stderr and exit code 2."""
     try:
         metrics = run_stage(name, run, sections)
-    except (ParamError, TrackingError, FileNotFoundError) as e:
+    except (ParamError, TrackingError, FileNotFoundError, CollapseError, NonFiniteLossError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{name}: done: {metrics}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,15 +21,16 @@ import torch
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_checkpoint_meta
-from ijepa.data import pretrain_transform, read_manifest, shard_urls
-from ijepa.data.loaders import Normalize
+from ijepa.data import eval_transform, pretrain_transform, read_manifest, shard_urls
+from ijepa.data.loaders import Normalize, build_batch
 from ijepa.data.memory import decode_split, epoch_batches
 from ijepa.device import pick_device
 from ijepa.distributed import all_reduce_mean, any_rank, env_from_os, init_distributed, shutdown, wrap_ddp
+from ijepa.monitor import CollapseError, HealthMonitor
 from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
 from pipeline import preemption
 from pipeline.context import params_hash
-from pipeline.outputs import StepCSV, plot_series, write_json
+from pipeline.outputs import StepCSV, new_figure, plot_series, save_figure, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
 from pipeline.stage import main
 
@@ -36,6 +38,36 @@ SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "objective", "
 SHARDS, OUT = Path("data/shards"), Path("models/pretrain")
 STEPS_CSV = Path("metrics/pretrain_steps.csv")  # persistent in dvc.yaml, like the checkpoint it goes with
 COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "k_enc", "k_pred"]
+MONITOR_CSV = Path("metrics/pretrain_monitor.csv")  # persistent too: a resumed run keeps the rows before it
+MONITOR_COLUMNS = ["step", "epoch", "rankme", "feature_spread", "knn_top1"]
+
+
+def _health_monitor(root: Path, manifest: dict, mon, crop: int, device, bf16: bool) -> HealthMonitor:
+    """The first ``mon.bank`` training images and ``mon.queries`` validation images, centre-cropped once
+    (the train split continues after the bank when there is no validation split)."""
+    transform, urls = eval_transform(crop), lambda split: shard_urls(root / SHARDS, split)
+    bank = decode_split(urls("train"), setting="pretrain.monitor", limit=mon.bank)
+    if "val" in manifest["splits"]:
+        queries = decode_split(urls("val"), setting="pretrain.monitor", limit=mon.queries)
+    else:
+        both = decode_split(urls("train"), setting="pretrain.monitor", limit=mon.bank + mon.queries)
+        queries = type(both)(both.images[len(bank) :], both.labels[len(bank) :], both.keys[len(bank) :])
+        if not len(queries):
+            raise ParamError(
+                f"pretrain.monitor.bank: {mon.bank} takes every training image and there is no validation split "
+                "left for the queries; lower it"
+            )
+    return HealthMonitor(
+        build_batch(bank.images, transform),
+        bank.labels,
+        build_batch(queries.images, transform),
+        queries.labels,
+        num_classes=len(manifest["classes"]),
+        prepare=Normalize(),
+        device=device,
+        bf16=bf16,
+        k=mon.k,
+    )
 
 
 def _resume_step(out: Path, phash: str) -> int:
@@ -83,7 +115,8 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
     objective = section(params, "objective")
     check_mask_geometry(mask, data)
-    train_split = read_manifest(ctx.root / SHARDS)["splits"]["train"]
+    manifest = read_manifest(ctx.root / SHARDS)
+    train_split = manifest["splits"]["train"]
     n_train = train_split["count"]
     ipe = n_train // (pre.batch_size * ctx.world_size)
     if ipe < 1:
@@ -96,9 +129,10 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     # training shards themselves (new data from another `prepare` must start afresh, never "resume" a run
     # that already finished on other images).
     train_shards = params_hash([s["sha256"] for s in train_split["shards"]])
-    phash = params_hash(
-        {**{s: params[s] for s in SECTIONS if s != "tracking"}, "world_size": ctx.world_size, "train": train_shards}
-    )
+    # The health monitor's settings change no weight: a run continues under others.
+    trained = {s: params[s] for s in SECTIONS if s != "tracking"}
+    trained["pretrain"] = {k: v for k, v in params["pretrain"].items() if k != "monitor"}
+    phash = params_hash({**trained, "world_size": ctx.world_size, "train": train_shards})
     out = ctx.root / OUT
     start = _resume_step(out, phash) if ctx.is_main else 0
     steps_path = ctx.root / STEPS_CSV
@@ -106,6 +140,9 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     steps_csv = StepCSV(steps_path, COLUMNS, truncate_from=start) if ctx.is_main else None
     if steps_csv is not None and start:
         _check_history(steps_csv.read(), start, steps_path, out)
+    # a resumed run was monitored up to and including its checkpoint's step
+    monitor_csv = StepCSV(ctx.root / MONITOR_CSV, MONITOR_COLUMNS, truncate_from=start + 1 if start else 0)
+    monitor_csv = monitor_csv if ctx.is_main else None
     if ctx.world_size > 1:  # rank 0 decided (and set aside a stale checkpoint); the others follow
         flag = [start]
         torch.distributed.broadcast_object_list(flag, src=0)
@@ -145,47 +182,73 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{log.loss:.4f}", epoch=log.epoch, refresh=False)
 
+    mon = pre.monitor
+    health = _health_monitor(ctx.root, manifest, mon, data.crop_size, device, optim.bf16) if mon.enabled else None
+    monitor_seconds = 0.0
+
+    def monitor(encoder, step: int) -> None:
+        nonlocal monitor_seconds
+        t = time.perf_counter()
+        values = health(encoder)
+        monitor_seconds += time.perf_counter() - t
+        if monitor_csv is not None:
+            monitor_csv.write({"step": step, "epoch": round(step / ipe, 4), **values})
+            tracker.log_metrics({f"monitor_{k}": v for k, v in values.items()}, step=step)
+        if step and mon.min_rank and values["rankme"] < mon.min_rank:  # step 0: untrained, not collapsing
+            msg = (
+                f"RankMe {values['rankme']:.2f} at step {step} (epoch {step / ipe:.2f}) is below "
+                f"pretrain.monitor.min_rank={mon.min_rank:g}: the target encoder's features are collapsing"
+            )
+            if mon.stop_on_collapse:  # same values on every rank: all of them stop here
+                raise CollapseError(f"{msg}; stopped (pretrain.monitor.stop_on_collapse)")
+            if ctx.is_main:
+                tqdm.write(f"pretrain: warning: {msg}", file=sys.stderr)
+
     t0 = time.perf_counter()
-    result = pretrain(
-        model=ModelSpec(
-            model.name,
-            data.patch_size,
-            data.crop_size,
-            3,
-            model.pred_depth,
-            model.pred_emb_dim,
-            model.overrides(),
-            objective.spec(),
-        ),
-        optim=OptimSpec(
-            pre.epochs,
-            optim.warmup,
-            optim.start_lr,
-            optim.lr,
-            optim.final_lr,
-            optim.weight_decay,
-            optim.final_weight_decay,
-            optim.ema,
-            optim.ipe_scale,
-            optim.bf16,
-        ),
-        ipe=ipe,
-        batch_size=pre.batch_size,
-        make_batches=make_batches,
-        out_dir=out,
-        device=device,
-        seed=seed,
-        save_every_epochs=pre.save_every_epochs,
-        world_size=ctx.world_size,
-        is_main=ctx.is_main,
-        wrap=(lambda jepa: wrap_ddp(jepa, device)) if ctx.world_size > 1 else None,
-        reduce_loss=all_reduce_mean if ctx.world_size > 1 else None,
-        on_step=on_step,
-        on_epoch=lambda e, loss: tracker.log_metrics({"epoch_loss": loss}, step=e),
-        should_stop=lambda: any_rank(preemption.requested(), device),
-        params={"params_hash": phash, "sections": {s: params[s] for s in SECTIONS if s != "tracking"}},
-    )
-    bar.close()
+    try:
+        result = pretrain(
+            model=ModelSpec(
+                model.name,
+                data.patch_size,
+                data.crop_size,
+                3,
+                model.pred_depth,
+                model.pred_emb_dim,
+                model.overrides(),
+                objective.spec(),
+            ),
+            optim=OptimSpec(
+                pre.epochs,
+                optim.warmup,
+                optim.start_lr,
+                optim.lr,
+                optim.final_lr,
+                optim.weight_decay,
+                optim.final_weight_decay,
+                optim.ema,
+                optim.ipe_scale,
+                optim.bf16,
+            ),
+            ipe=ipe,
+            batch_size=pre.batch_size,
+            make_batches=make_batches,
+            out_dir=out,
+            device=device,
+            seed=seed,
+            save_every_epochs=pre.save_every_epochs,
+            world_size=ctx.world_size,
+            is_main=ctx.is_main,
+            wrap=(lambda jepa: wrap_ddp(jepa, device)) if ctx.world_size > 1 else None,
+            reduce_loss=all_reduce_mean if ctx.world_size > 1 else None,
+            on_step=on_step,
+            on_epoch=lambda e, loss: tracker.log_metrics({"epoch_loss": loss}, step=e),
+            should_stop=lambda: any_rank(preemption.requested(), device),
+            monitor=monitor if health is not None else None,
+            monitor_every=mon.every,
+            params={"params_hash": phash, "sections": {s: params[s] for s in SECTIONS if s != "tracking"}},
+        )
+    finally:  # a stopped run's error starts on a line of its own
+        bar.close()
     seconds = time.perf_counter() - t0
     if result["stopped"]:
         print(f"pretrain: stopped at step {result['step']}; {result['checkpoint']} resumes from there", flush=True)
@@ -209,7 +272,12 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         "ipe": ipe,
         "world_size": ctx.world_size,
         "effective_batch_size": pre.batch_size * ctx.world_size,
+        "monitor_seconds": round(monitor_seconds, 2),  # spent in the health monitor by this invocation
     }
+    health_rows = monitor_csv.read()
+    if health_rows:
+        metrics |= {f"final_{k}": health_rows[-1][k] for k in MONITOR_COLUMNS[2:]}
+        metrics |= {"min_rankme": min(r["rankme"] for r in health_rows)}
     write_json(ctx.root / "metrics/pretrain.json", metrics)
     png = plot_series(
         rows,
@@ -220,8 +288,21 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     )
     tracker.log_artifact(png, "plots")
     tracker.log_artifact(steps_path, "metrics")
+    png = _plot_health(health_rows, health, ctx.root / "plots/pretrain_monitor.png")
+    tracker.log_artifact(png, "plots")
+    tracker.log_artifact(ctx.root / MONITOR_CSV, "metrics")
     tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
     return metrics
+
+
+def _plot_health(rows: list[dict], health: HealthMonitor | None, path: Path) -> Path:
+    if rows:
+        title = f"target-encoder health ({len(health.bank)} bank, {len(health.queries)} query images)"
+        return plot_series(rows, "step", MONITOR_COLUMNS[2:], path, title)
+    fig, axes = new_figure(1, 1, (5, 1.5))  # the output exists either way (dvc.yaml lists it)
+    axes[0, 0].axis("off")
+    axes[0, 0].text(0.5, 0.5, "no health monitor rows (pretrain.monitor.enabled: false)", ha="center")
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -37,21 +37,25 @@ class DecodedSplit:
         return len(self.keys)
 
 
-def decode_split(urls: Sequence[str], max_bytes: int = 2 << 30, setting: str = "in_memory") -> DecodedSplit:
-    """Read and decode every sample of ``urls`` (in shard order).
+def decode_split(
+    urls: Sequence[str], max_bytes: int = 2 << 30, setting: str = "in_memory", limit: int | None = None
+) -> DecodedSplit:
+    """Read and decode every sample of ``urls`` (in shard order), or the first ``limit`` of them.
 
     Args:
         urls: the split's shards.
         max_bytes: refuse to hold more decoded pixels than this (default 2 GiB): an ImageNet-sized split
             belongs to the streaming loaders.
         setting: the params key that chose this path, named in the error.
+        limit: stop after this many samples (None: all).
     Raises:
         MemoryError: naming the split's first shard when the decoded images would exceed ``max_bytes``.
     """
     if not urls:
         raise ValueError("decode_split needs at least one shard")
     images, labels, keys, total = [], [], [], 0
-    for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls])):
+    samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls]))
+    for sample in itertools.islice(samples, limit):
         arr = decode_array(*_image_bytes(sample))
         total += arr.nbytes
         if total > max_bytes:
