@@ -3,7 +3,8 @@
 One pass per split computes three feature sets on the very same images and preprocessing: the chosen
 encoder of the checkpoint (target encoder by default, the paper's choice; our pretraining or any official
 .pth.tar), a randomly initialised encoder of the same architecture, and raw pixels (average-pooled to
-``pixel_size``).
+``pixel_size``). With ``extract.tokens`` it also keeps the last layer's patch tokens (and the pixels'
+patches) in float16, ``tokens_<name>.pt``, for the attentive probe.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def run(params: dict, ctx, tracker) -> dict:
     manifest = read_manifest(ctx.root / SHARDS)
     normalize = Normalize()
     out: dict[str, dict] = {"pretrained": {}, "random_init": {}, "pixels": {}}
+    tokens: dict[str, dict] = {name: {} for name in out}
     for split, info in manifest["splits"].items():
         loader = eval_loader(
             shard_urls(ctx.root / SHARDS, split),
@@ -51,10 +53,13 @@ def run(params: dict, ctx, tracker) -> dict:
             device=device,
             bf16=p.bf16,
             pixel_size=p.pixel_size,
+            tokens=p.tokens,
             progress=f"extract {split}",
             total=-(-info["count"] // p.batch_size),
         )
         for name, f in feats.items():
+            if p.tokens:
+                tokens[name][split] = {"tokens": f.pop("tokens"), "labels": f["labels"], "keys": f["keys"]}
             out[name][split] = f
     meta = {
         "checkpoint": str(ckpt),
@@ -64,8 +69,13 @@ def run(params: dict, ctx, tracker) -> dict:
         "resize_size": p.resize_size or crop,
         "classes": manifest["classes"],
     }
+    (ctx.root / OUT).mkdir(parents=True, exist_ok=True)
+    for stale in (ctx.root / OUT).glob("tokens_*.pt"):  # tokens of an earlier run with tokens on
+        stale.unlink()
     for name, feats in out.items():
         save_features(ctx.root / OUT / f"{name}.pt", feats, **meta, kind=name)
+        if p.tokens:
+            save_features(ctx.root / OUT / f"tokens_{name}.pt", tokens[name], **meta, kind=name)
     metrics = {f"{s}_samples": len(v["keys"]) for s, v in out["pretrained"].items()}
     metrics |= {
         "dim_avg_last": out["pretrained"]["train"]["avg_last"].shape[1],

@@ -200,3 +200,97 @@ def test_classify_a_folder_with_class_names_from_the_checkpoint(tmp_path, capsys
     assert float(ok[0]["probability"]) == pytest.approx(float(p.max()), abs=1e-4)
     assert (tmp_path / "annotated/sub/b.png").is_file()
     assert main(["classify", "--checkpoint", str(ckpt), "--input", str(tmp_path / "nope")]) == 2
+
+
+# -- attentive probe and low-shot --------------------------------------------------------------------------
+
+
+def _direct_attentive(probe, tokens):
+    """V-JEPA's cross-attention block written the direct way: project every token to keys and values."""
+    from torch.nn import functional as F
+
+    b, n, d = tokens.shape
+    h = probe.num_heads
+    x = probe.norm1(tokens)
+    q = probe.q(probe.query).view(1, 1, h, d // h).transpose(1, 2).expand(b, -1, -1, -1)
+    k, v = probe.kv(x).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, d)
+    out = probe.query + probe.proj(out)
+    return probe.head(out + probe.mlp(probe.norm2(out)))
+
+
+def test_attentive_probe_matches_the_direct_cross_attention():
+    from ijepa.eval.attentive import AttentiveProbe
+
+    torch.manual_seed(0)
+    probe = AttentiveProbe(48, 7, num_heads=4)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # biases away from zero, so their handling is tested too
+    tokens = torch.randn(5, 13, 48, requires_grad=True)
+    fast, direct = probe(tokens), _direct_attentive(probe, tokens)
+    assert torch.allclose(fast, direct, atol=1e-5)
+    g_fast = torch.autograd.grad(fast.square().sum(), [tokens, *probe.parameters()])
+    g_direct = torch.autograd.grad(direct.square().sum(), [tokens, *probe.parameters()])
+    for a, b in zip(g_fast, g_direct, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(probe(probe.standardise(tokens), standardised=True), direct, atol=1e-5)
+    assert probe.attention_weights(tokens).sum(-1).allclose(torch.ones(5, 4))
+
+
+def _needle_tokens(n: int, seed: int, length: int = 16, dim: int = 12, classes: int = 4):
+    """The class lives in one token at a random place (marked in dim 0); the other tokens are noise."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(n, length, dim, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    where = torch.randint(0, length, (n,), generator=g)
+    tokens[torch.arange(n), where, 0] = 6.0
+    tokens[torch.arange(n), where, 1 : 1 + classes] += 3.0 * torch.nn.functional.one_hot(labels, classes)
+    return tokens.half(), labels
+
+
+def test_attentive_probe_reads_the_token_that_average_pooling_dilutes():
+    from ijepa.eval.attentive import train_attentive_probe
+
+    data = {s: _needle_tokens(n, i) for i, (s, n) in enumerate((("train", 800), ("val", 200), ("test", 200)))}
+    tokens, labels = {s: t for s, (t, _) in data.items()}, {s: y for s, (_, y) in data.items()}
+    res = train_attentive_probe(tokens, labels, num_classes=4, lrs=[1e-3, 1e-2], num_heads=4, epochs=15, batch_size=64)
+    assert len(res["table"]) == 2 and res["best"] in {"attentive_lr0.001", "attentive_lr0.01"}
+    mean = {s: {"avg": t.float().mean(1)} for s, t in tokens.items()}
+    lin = train_linear_grid(mean, labels, num_classes=4, poolings=["avg"], lrs=[0.01, 0.1, 1.0], epochs=50)
+    assert res["test_top1"] > 0.85 and res["test_top1"] > lin["test_top1"] + 0.2, (res["test_top1"], lin["test_top1"])
+
+
+def test_stratified_subsets_are_seeded_and_balanced():
+    from ijepa.eval.lowshot import protocols, stratified_subset
+
+    labels = torch.arange(300) % 3
+    a = stratified_subset(labels, seed=0, per_class=5)
+    assert len(a) == 15 and torch.bincount(labels[a]).tolist() == [5, 5, 5]
+    assert torch.equal(a, stratified_subset(labels, seed=0, per_class=5))
+    assert not torch.equal(a, stratified_subset(labels, seed=1, per_class=5))
+    assert torch.bincount(labels[stratified_subset(labels, seed=0, fraction=0.1)]).tolist() == [10, 10, 10]
+    with pytest.raises(ValueError, match="class 0 has 100 training images, fewer than the 101"):
+        stratified_subset(labels, seed=0, per_class=101)
+    assert protocols([1, 5], [0.01]) == {
+        "1pct": {"fraction": 0.01},
+        "1shot": {"per_class": 1},
+        "5shot": {"per_class": 5},
+    }
+
+
+def test_lowshot_probe_learns_from_a_few_images_per_class():
+    from ijepa.eval.lowshot import lowshot_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 3
+
+    def split(n):
+        y = torch.arange(n) % 4
+        return {"avg_last": centres[y] + torch.randn(n, 16, generator=g), "labels": y}
+
+    feats = {"train": split(400), "val": split(100), "test": split(200)}
+    r = lowshot_probe(feats, num_classes=4, protocol={"per_class": 2}, subsets=3, poolings=["avg_last"],
+                      lrs=[0.1], epochs=30, batch_size=64)  # fmt: skip
+    assert r["train_images"] == 8 and len(r["test_top1"]) == 3 and r["mean"] > 0.9
+    assert r["sd"] == pytest.approx(float(torch.tensor(r["test_top1"]).std()), abs=1e-9)

@@ -92,7 +92,7 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     assert "Running stage 'prepare'" in r.stdout and "Running stage 'pretrain'" in r.stdout
     timed = json.loads((repo / "chain_time.json").read_text())
     assert list(timed["stages"]) == [
-        *("prepare", "pretrain", "extract", "linprobe", "knn", "search", "finetune"),
+        *("prepare", "pretrain", "extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"),
         *("seg_prepare", "seg_train", "seg_eval"),
     ]
     assert all(t > 0 for t in timed["stages"].values()) and sum(timed["stages"].values()) <= timed["total_s"]
@@ -104,7 +104,10 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     enc = load_encoder(repo / "models/pretrain/jepa-latest.pth.tar")
     assert enc.depth == 1 and enc.patch_size == 4
     assert (repo / "plots/pretrain_curves.png").stat().st_size > 1000
-    for stage in ("extract", "linprobe", "knn", "search", "finetune", "seg_prepare", "seg_train", "seg_eval"):
+    for stage in (
+        *("extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"),
+        *("seg_prepare", "seg_train", "seg_eval"),
+    ):
         assert (repo / f"metrics/{stage}.json").is_file(), stage
     assert set(json.loads((repo / "metrics/linprobe.json").read_text())) >= {"top1", "random_init_top1", "pixels_top1"}
     t0 = time.perf_counter()
@@ -115,7 +118,7 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     assert exp.artifact_location == (repo / "mlruns").as_uri()
     by_stage = {r.data.tags["ijepa.stage"]: r for r in runs}
     assert set(by_stage) == {
-        *("prepare", "pretrain", "extract", "linprobe", "knn", "search", "finetune"),
+        *("prepare", "pretrain", "extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"),
         *("seg_prepare", "seg_train", "seg_eval"),
     }
     seg = json.loads((repo / "metrics/seg_eval.json").read_text())
@@ -125,9 +128,14 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     assert pr.data.params["pretrain.batch_size"] == "16" and pr.data.tags["git.commit"]
     assert len(client.get_metric_history(pr.info.run_id, "loss")) == pre["steps"]
     artifacts = {a.path for a in client.list_artifacts(pr.info.run_id, "plots")}
-    assert artifacts == {"plots/pretrain_curves.png"}
+    assert artifacts == {"plots/pretrain_curves.png", "plots/pretrain_monitor.png"}
+    health = client.get_metric_history(pr.info.run_id, "monitor_rankme")
+    assert [m.step for m in health] == [0, pre["steps"]] and pre["final_rankme"] == health[-1].value
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
     assert "metrics/pretrain.json" in json.dumps(shown)
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)
+    for name in ("pretrain_rankme", "pretrain_online_knn", "plots/pretrain_monitor.png", "plots/lowshot.png"):
+        assert name in plots, name
 
 
 def test_exp_run_with_set_params(repo):

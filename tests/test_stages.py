@@ -15,7 +15,19 @@ from ijepa.engine import build_optimizer
 from ijepa.jepa import JEPA
 from pipeline.schema import ParamError
 from pipeline.stage import run_stage
-from stages import extract, finetune, knn, linprobe, prepare, search, seg_eval, seg_prepare, seg_train
+from stages import (
+    attnprobe,
+    extract,
+    finetune,
+    knn,
+    linprobe,
+    lowshot,
+    prepare,
+    search,
+    seg_eval,
+    seg_prepare,
+    seg_train,
+)
 
 from .test_data import mini_fashion_mnist
 
@@ -58,6 +70,8 @@ def project(tmp_path_factory):
     ckpt = str(official_checkpoint(root / "IN1K-vit.t.4-official.pth.tar"))
     params["extract"] |= {"checkpoint": ckpt, "batch_size": 64, "num_workers": 0}
     params["linprobe"] |= {"epochs": 5, "lrs": [0.01, 0.1]}
+    params["attnprobe"] |= {"epochs": 2, "lrs": [0.001, 0.01]}
+    params["lowshot"] |= {"shots": [1, 3], "fractions": [0.1], "subsets": 2, "epochs": 10}
     params["search"] |= {"grid_queries": 3, "k": 3}
     params["finetune"] |= {"checkpoint": ckpt, "epochs": 2, "batch_size": 32, "num_workers": 0, "warmup_epochs": 0.5}
     params["finetune"] |= {"mixup": 0.8, "cutmix": 1.0}  # the whole MAE recipe (the demo turns mixing off)
@@ -84,6 +98,25 @@ def test_every_stage_reads_an_official_checkpoint(project, monkeypatch):
     rows = (root / "metrics/linprobe_grid.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * (2 * 2 * 2) + 1 * 2 * 2  # header; (pretrained, random): poolings x lrs x bn; pixels
 
+    toks = torch.load(root / "data/features/tokens_pretrained.pt", weights_only=True)
+    assert toks["train"]["tokens"].shape == (180, 49, 192) and toks["train"]["tokens"].dtype == torch.float16
+    assert toks["train"]["keys"] == feats["train"]["keys"]
+    pix = torch.load(root / "data/features/tokens_pixels.pt", weights_only=True)
+    assert pix["val"]["tokens"].shape == (20, 49, 3 * 4 * 4)  # the pixels' 4 x 4 patches
+
+    m = run_stage("attnprobe", attnprobe.run, attnprobe.SECTIONS, root=root, params=params)
+    saved = json.loads((root / "metrics/attnprobe.json").read_text())
+    assert {"top1", "random_init_top1", "pixels_top1", "gap_vs_random_init"} <= set(saved)
+    assert [r["head"] for r in saved["table"]["pixels"]] == ["attentive_lr0.001", "attentive_lr0.01"]
+    assert (root / "plots/attnprobe.png").is_file()
+
+    m = run_stage("lowshot", lowshot.run, lowshot.SECTIONS, root=root, params=params)
+    saved = json.loads((root / "metrics/lowshot.json").read_text())
+    assert list(saved) == ["10pct", "1shot", "3shot"] and set(saved["1shot"]) == {"pretrained", "random_init", "pixels"}
+    assert saved["3shot"]["pixels"]["train_images"] == 30 and len(saved["1shot"]["pretrained"]["test_top1"]) == 2
+    assert m["1shot_pretrained_mean"] == pytest.approx(saved["1shot"]["pretrained"]["mean"], abs=1e-5)
+    assert (root / "plots/lowshot.png").is_file()
+
     m = run_stage("knn", knn.run, knn.SECTIONS, root=root, params=params)
     saved = json.loads((root / "metrics/knn.json").read_text())
     assert set(saved["top1"]) == {"k10", "k20", "k100", "k200"}
@@ -104,7 +137,8 @@ def test_every_stage_reads_an_official_checkpoint(project, monkeypatch):
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("ijepa").experiment_id])
-    assert {r.data.tags["ijepa.stage"] for r in runs} == {"prepare", "extract", "linprobe", "knn", "search", "finetune"}
+    stages = {"prepare", "extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"}
+    assert {r.data.tags["ijepa.stage"] for r in runs} == stages
     ft = next(r for r in runs if r.data.tags["ijepa.stage"] == "finetune")
     assert [a.path for a in client.list_artifacts(ft.info.run_id, "params")] == ["params/resolved.json"]
     assert {a.path for a in client.list_artifacts(ft.info.run_id, "plots")} == {"plots/finetune.png"}

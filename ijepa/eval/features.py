@@ -2,7 +2,9 @@
 
 - ``avg_last``: the average of the last layer's patch tokens (after the final LayerNorm), D values;
 - ``avg_last4``: the concatenated averages of the last 4 layers' tokens (each through the final
-  LayerNorm), 4D values (the VISSL/I-JEPA "last 4 layers" probe input).
+  LayerNorm), 4D values (the VISSL/I-JEPA "last 4 layers" probe input);
+- optionally ``tokens``: the last layer's patch tokens themselves (after the final LayerNorm), (L, D) in
+  float16, for the attentive probe; for raw pixels the tokens are the image's patches (L, 3 p^2).
 """
 
 from __future__ import annotations
@@ -22,13 +24,22 @@ POOLINGS = ("avg_last", "avg_last4")
 
 
 @torch.no_grad()
-def pooled_features(encoder: VisionTransformer, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, 3, H, W) normalised images -> {"avg_last": (B, D), "avg_last4": (B, 4D)} in float32."""
+def pooled_features(encoder: VisionTransformer, images: torch.Tensor, tokens: bool = False) -> dict[str, torch.Tensor]:
+    """(B, 3, H, W) normalised images -> {"avg_last": (B, D), "avg_last4": (B, 4D)} in float32, and with
+    ``tokens`` the last layer's {"tokens": (B, L, D)} in float16."""
     layers = encoder.get_intermediate_layers(images, n=min(4, encoder.depth), norm=True)
     means = [t.float().mean(dim=1) for t in layers]
     while len(means) < 4:  # encoders shallower than 4 blocks repeat their first layer
         means.insert(0, means[0])
-    return {"avg_last": means[-1], "avg_last4": torch.cat(means, dim=1)}
+    out = {"avg_last": means[-1], "avg_last4": torch.cat(means, dim=1)}
+    if tokens:
+        out["tokens"] = layers[-1].half()
+    return out
+
+
+def pixel_tokens(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, L, 3 p^2) float16: the non-overlapping p x p patches, the pixels' "tokens"."""
+    return F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2).half()
 
 
 @torch.no_grad()
@@ -40,6 +51,7 @@ def extract_features(
     device: torch.device,
     bf16: bool = False,
     pixel_size: int | None = None,
+    tokens: bool = False,
     progress: str | None = None,
     total: int | None = None,
 ) -> dict[str, dict]:
@@ -51,25 +63,32 @@ def extract_features(
         prepare: loader images -> model input on ``device`` (``ijepa.data.loaders.Normalize``).
         bf16: bf16 autocast (CUDA or CPU).
         pixel_size: also return "pixels": the normalised input average-pooled to this side, flattened.
+        tokens: also return every encoder's last-layer "tokens" (N, L, D) and the pixels' patches (N, L, 3 p^2)
+            (p: the first encoder's patch size) in float16.
         progress: progress-bar label (None: no bar); total: number of batches for the bar.
     Returns:
-        name -> {"avg_last": (N, D), "avg_last4": (N, 4D), "labels": (N,), "keys": [N]} sorted by key;
-        "pixels" -> {"pixels": (N, 3 * s * s), "labels", "keys"} when ``pixel_size`` is set.
+        name -> {"avg_last": (N, D), "avg_last4": (N, 4D), "labels": (N,), "keys": [N]} sorted by key
+        (+ "tokens"); "pixels" -> {"pixels": (N, 3 * s * s), "labels", "keys"} (+ "tokens") when
+        ``pixel_size`` is set.
     """
-    feats: dict[str, dict[str, list]] = {n: {p: [] for p in POOLINGS} for n in encoders}
+    outputs = (*POOLINGS, "tokens") if tokens else POOLINGS
+    feats: dict[str, dict[str, list]] = {n: {p: [] for p in outputs} for n in encoders}
     if pixel_size is not None:
-        feats["pixels"] = {"pixels": []}
+        feats["pixels"] = {"pixels": [], "tokens": []} if tokens else {"pixels": []}
+    patch = next(iter(encoders.values())).patch_size if encoders else None
     labels, keys = [], []
     for imgs, lbls, ks in tqdm(batches, desc=progress, total=total, disable=progress is None, mininterval=5):
         x = prepare(imgs)
         with autocast(device, bf16):
             for name, enc in encoders.items():
-                for p, t in pooled_features(enc, x).items():
+                for p, t in pooled_features(enc, x, tokens).items():
                     feats[name][p].append(t.cpu())
         if pixel_size is not None:
             feats["pixels"]["pixels"].append(
                 F.adaptive_avg_pool2d(x.float(), min(pixel_size, x.shape[-1])).flatten(1).cpu()
             )
+            if tokens:
+                feats["pixels"]["tokens"].append(pixel_tokens(x, patch).cpu())
         labels.append(torch.as_tensor(lbls))
         keys += list(ks)
     if not keys:
