@@ -14,7 +14,7 @@ SEEDS ?= 0 1 2
 OBJECTIVE ?= ijepa
 PREFIX ?= seeds
 
-.PHONY: help setup repro seeds seed-table params test test-fast lint format bench ui clean pretrain-slurm slurm-up slurm-down
+.PHONY: help setup repro seeds seed-table monitor-collapse params test test-fast lint format bench ui clean pretrain-slurm slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}' | sed 's/$$(UI_PORT)/$(UI_PORT)/'
@@ -32,6 +32,10 @@ seeds: $(STAMP) ## the whole chain once per seed as DVC experiments (SEEDS="0 1 
 		dvc exp run --temp -n $(PREFIX)-$(OBJECTIVE)-seed$$s -S seed=$$s -S objective=$(OBJECTIVE) $(ARGS) || exit 1; \
 	done
 	$(PY) scripts/seed_table.py --prefix $(PREFIX)
+
+monitor-collapse: $(STAMP) ## pretrain at the collapsing lr 1.5e-3 (an experiment), then plot its health beside the workspace run's
+	dvc exp run --temp -n collapse-lr1.5e-3 -S optim.lr=0.0015 pretrain
+	$(PY) scripts/plot_monitor.py --exp collapse-lr1.5e-3 --label "demo (lr 1.5e-4)" --out docs/monitor_collapse.png
 
 seed-table: $(STAMP) ## print the seed table of the experiments `make seeds` ran (PREFIX=seeds)
 	$(PY) scripts/seed_table.py --prefix $(PREFIX)

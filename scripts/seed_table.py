@@ -6,8 +6,11 @@ gate's numbers: linear-probe top-1 (pretrained, random-init encoder, raw pixels,
 k = 10 (pretrained, random init), segmentation mIoU (pretrained, random init) and finetuning top-1.
 Each group ends with its mean and sample standard deviation; ``--check`` exits 1 unless every seed of
 every group meets the demo gate (probe gap >= 5 points, k-NN and segmentation above random init).
+A second table (``--view protocols``) puts the frozen-feature protocols side by side: the linear probe, the
+attentive probe, 1-shot and 1% linear probes (each with its random-init and pixel baselines), and the
+pretraining health monitor's final RankMe and online k-NN.
 
-    python scripts/seed_table.py [--prefix seeds] [--check] [--json exp_show.json]
+    python scripts/seed_table.py [--prefix seeds] [--check] [--view gate|protocols|both] [--json exp_show.json]
 """
 
 from __future__ import annotations
@@ -29,6 +32,21 @@ COLUMNS = [  # (header, metrics file, key path, scale)
     ("seg mIoU", "metrics/seg_eval.json", ("miou",), 100),
     ("seg rand", "metrics/seg_eval.json", ("random_init_miou",), 100),
     ("finetune", "metrics/finetune.json", ("top1",), 100),
+]
+PROTOCOLS = [  # the second table (--view protocols): the frozen-feature protocols side by side, and health
+    ("linear", "metrics/linprobe.json", ("top1",), 100),
+    ("linear rand", "metrics/linprobe.json", ("random_init_top1",), 100),
+    ("attentive", "metrics/attnprobe.json", ("top1",), 100),
+    ("attentive rand", "metrics/attnprobe.json", ("random_init_top1",), 100),
+    ("attentive pixels", "metrics/attnprobe.json", ("pixels_top1",), 100),
+    ("1-shot", "metrics/lowshot.json", ("1shot", "pretrained", "mean"), 100),
+    ("1-shot rand", "metrics/lowshot.json", ("1shot", "random_init", "mean"), 100),
+    ("1-shot pixels", "metrics/lowshot.json", ("1shot", "pixels", "mean"), 100),
+    ("1%", "metrics/lowshot.json", ("1pct", "pretrained", "mean"), 100),
+    ("1% rand", "metrics/lowshot.json", ("1pct", "random_init", "mean"), 100),
+    ("1% pixels", "metrics/lowshot.json", ("1pct", "pixels", "mean"), 100),
+    ("RankMe", "metrics/pretrain.json", ("final_rankme",), 1),
+    ("online k-NN", "metrics/pretrain.json", ("final_knn_top1",), 100),
 ]
 
 
@@ -56,7 +74,7 @@ def experiments(show: list[dict], prefix: str) -> list[dict]:
                     continue
                 params = _dig(data, ("params", "params.yaml", "data")) or {}
                 row = {"name": name, "seed": params.get("seed"), "objective": _dig(params, ("objective", "name"))}
-                for header, path, keys, scale in COLUMNS:
+                for header, path, keys, scale in COLUMNS + PROTOCOLS:
                     value = _dig(data, ("metrics", path, "data", *keys))
                     row[header] = None if value is None else value * scale
                 rows.append(row)
@@ -82,20 +100,24 @@ def meets_gate(row: dict) -> bool:
     )
 
 
-def table(rows: list[dict]) -> str:
-    headers = ["objective", "seed", "probe", "probe rand", "gap", "probe pixels"] + [h for h, *_ in COLUMNS[3:]]
+def table(rows: list[dict], view: str = "gate") -> str:
+    """The gate's table (probe gap first), or with ``view="protocols"`` the evaluation protocols' table."""
+    if view == "gate":
+        columns = ["probe", "probe rand", "gap", "probe pixels"] + [h for h, *_ in COLUMNS[3:]]
+    else:
+        columns = [h for h, *_ in PROTOCOLS]
+    headers = ["objective", "seed", *columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(str(r["objective"]), []).append(r)
     for objective, group in groups.items():
         for r in group:
-            cells = [objective, str(r["seed"]), _fmt(r["probe"]), _fmt(r["probe rand"]), _fmt(_gap(r), 2)]
-            cells += [_fmt(r["probe pixels"])] + [_fmt(r[h]) for h, *_ in COLUMNS[3:]]
+            cells = [objective, str(r["seed"])] + [_fmt(_gap(r), 2) if h == "gap" else _fmt(r[h]) for h in columns]
             lines.append("| " + " | ".join(cells) + " |")
         if len(group) > 1:
             cells = [f"**{objective} mean +- sd**", f"{len(group)} seeds"]
-            for h in ["probe", "probe rand", "gap", "probe pixels"] + [h for h, *_ in COLUMNS[3:]]:
+            for h in columns:
                 vals = [_gap(r) if h == "gap" else r[h] for r in group]
                 vals = [v for v in vals if v is not None]
                 d = 2 if h == "gap" else 1  # the gap is read against the gate's 5 points
@@ -110,6 +132,11 @@ def main() -> None:
     ap.add_argument("--prefix", default="seeds", help="experiment name prefix (make seeds PREFIX=...)")
     ap.add_argument("--json", help="read this saved `dvc exp show --json` output instead of running dvc")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every seed meets the demo gate")
+    ap.add_argument(
+        "--view", choices=["gate", "protocols", "both"], default="both",
+        help="gate: probe gap, k-NN, segmentation, finetuning; protocols: linear vs attentive probe, low-shot, "
+        "the health monitor's final values",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.json:
         with open(args.json) as f:
@@ -124,7 +151,8 @@ def main() -> None:
     rows = experiments(show, args.prefix)
     if not rows:
         sys.exit(f"no experiment named {args.prefix}* in `dvc exp show`: run `make seeds` first")
-    print(table(rows))
+    views = ["gate", "protocols"] if args.view == "both" else [args.view]
+    print("\n\n".join(table(rows, v) for v in views))
     if args.check:
         failed = [r["name"] for r in rows if not meets_gate(r)]
         if failed:

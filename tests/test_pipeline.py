@@ -163,6 +163,13 @@ def test_seed_runs_and_their_table(repo):
     assert exp["seed"] == 1 and exp["objective"] == "ijepa" and exp["probe"] is not None
     assert f"| {exp['probe']:.1f} | {exp['probe rand']:.1f} | {exp['probe'] - exp['probe rand']:.2f} |" in row
     assert (repo / "metrics/linprobe.json").read_text() == before  # the workspace is left as it was
+    protocols = [line for line in r.stdout.splitlines() if line.startswith("| ijepa | 1 |")][1]
+    assert f"| {exp['attentive']:.1f} | {exp['attentive rand']:.1f} |" in protocols and exp["RankMe"] >= 1
+    # the health monitor of that experiment drawn beside the workspace's
+    sh(repo, sys.executable, "scripts/plot_monitor.py", "--exp", "seeds-ijepa-seed1", "--out", "monitor.png")
+    assert (repo / "monitor.png").stat().st_size > 1000
+    r = sh(repo, sys.executable, "scripts/plot_monitor.py", "--exp", "no-such-exp", check=False)
+    assert r.returncode != 0 and "no DVC experiment named 'no-such-exp'" in r.stderr
     r = sh(repo, sys.executable, "scripts/seed_table.py", "--prefix", "nothing-such", check=False)
     assert r.returncode != 0 and "no experiment named nothing-such*" in r.stderr
 
