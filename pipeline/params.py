@@ -103,6 +103,7 @@ class MonitorParams:
     queries: int = spec(500, positive, "be > 0 (validation images)")
     k: int = spec(20, positive, "be > 0")
     min_rank: float = spec(0.0, non_negative, "be >= 0 (0: never warn)")
+    grace_epochs: float = spec(0.0, non_negative, "be >= 0 (epochs before min_rank applies)")
     stop_on_collapse: bool = False
 
 

@@ -194,7 +194,8 @@ def _run(params: dict, ctx, tracker, device) -> dict:
         if monitor_csv is not None:
             monitor_csv.write({"step": step, "epoch": round(step / ipe, 4), **values})
             tracker.log_metrics({f"monitor_{k}": v for k, v in values.items()}, step=step)
-        if step and mon.min_rank and values["rankme"] < mon.min_rank:  # step 0: untrained, not collapsing
+        # an encoder starts with a low rank (random init: about 3 on the demo): the floor applies after a grace
+        if step and step >= mon.grace_epochs * ipe and mon.min_rank and values["rankme"] < mon.min_rank:
             msg = (
                 f"RankMe {values['rankme']:.2f} at step {step} (epoch {step / ipe:.2f}) is below "
                 f"pretrain.monitor.min_rank={mon.min_rank:g}: the target encoder's features are collapsing"

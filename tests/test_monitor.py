@@ -110,7 +110,14 @@ def test_collapse_floor_warns_or_stops_with_one_line(stage_project, tmp_path):
     params = yaml.safe_load(yaml.safe_dump(params))
     params["pretrain"]["epochs"] = 2  # new params: the checkpoint of the other test is set aside
     params["pretrain"]["monitor"]["every"] = 5
-    params["pretrain"]["monitor"] |= {"bank": 60, "queries": 15, "k": 5, "min_rank": 1000.0, "stop_on_collapse": True}
+    params["pretrain"]["monitor"] |= {
+        "bank": 60,
+        "queries": 15,
+        "k": 5,
+        "min_rank": 1000.0,
+        "grace_epochs": 0,
+        "stop_on_collapse": True,
+    }
     with pytest.raises(
         CollapseError, match=r"RankMe \S+ at step 5 \(epoch 0\.23\) is below pretrain\.monitor\.min_rank"
     ):
@@ -123,11 +130,12 @@ def test_collapse_floor_warns_or_stops_with_one_line(stage_project, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("pretrain: error: RankMe")
     assert "stop_on_collapse" in r.stderr
-    params["pretrain"]["monitor"]["stop_on_collapse"] = False  # warn at every check, train to the end
+    params["pretrain"]["monitor"] |= {"stop_on_collapse": False, "grace_epochs": 1}  # warn after epoch 1, go on
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     r = subprocess.run(
         [sys.executable, "-m", "stages.pretrain"], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr.count("pretrain: warning: RankMe") == 10  # steps 5, 10, .., 40, 22 and 44 (not 0: untrained)
-    assert "at step 44 (epoch 2.00)" in r.stderr
+    assert r.stderr.count("pretrain: warning: RankMe") == 6  # steps 22, 25, 30, 35, 40 and 44
+    assert "at step 22 (epoch 1.00)" in r.stderr and "at step 44 (epoch 2.00)" in r.stderr
+    assert "at step 20 " not in r.stderr  # within the grace epoch
