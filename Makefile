@@ -73,6 +73,7 @@ bench: $(STAMP) ## run the benchmarks (medians printed; numbers quoted in README
 	$(PY) benchmarks/bench_collator.py
 	$(PY) benchmarks/bench_pretrain_step.py
 	$(PY) benchmarks/bench_demo_loading.py
+	$(PY) benchmarks/bench_monitor.py
 	$(PY) benchmarks/bench_data.py
 
 clean: ## remove caches (keeps .venv, data and mlflow.db)

@@ -141,8 +141,11 @@ def _run(params: dict, ctx, tracker, device) -> dict:
     if steps_csv is not None and start:
         _check_history(steps_csv.read(), start, steps_path, out)
     # a resumed run was monitored up to and including its checkpoint's step
-    monitor_csv = StepCSV(ctx.root / MONITOR_CSV, MONITOR_COLUMNS, truncate_from=start + 1 if start else 0)
-    monitor_csv = monitor_csv if ctx.is_main else None
+    monitor_csv = (
+        StepCSV(ctx.root / MONITOR_CSV, MONITOR_COLUMNS, truncate_from=start + 1 if start else 0)
+        if ctx.is_main
+        else None
+    )
     if ctx.world_size > 1:  # rank 0 decided (and set aside a stale checkpoint); the others follow
         flag = [start]
         torch.distributed.broadcast_object_list(flag, src=0)
