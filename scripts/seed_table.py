@@ -10,7 +10,8 @@ A second table (``--view protocols``) puts the frozen-feature protocols side by 
 attentive probe, 1-shot and 1% linear probes (each with its random-init and pixel baselines), and the
 pretraining health monitor's final RankMe and online k-NN.
 
-    python scripts/seed_table.py [--prefix seeds] [--check] [--view gate|protocols|both] [--json exp_show.json]
+    python scripts/seed_table.py [--prefix seeds] [--workspace] [--check] [--view gate|protocols|both]
+                                 [--json exp_show.json]
 """
 
 from __future__ import annotations
@@ -58,9 +59,24 @@ def _dig(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def experiments(show: list[dict], prefix: str) -> list[dict]:
-    """Flatten `dvc exp show --json` into {name, seed, objective, <column>: value} for matching names."""
+def _row(name: str, data: dict) -> dict:
+    params = _dig(data, ("params", "params.yaml", "data")) or {}
+    row = {"name": name, "seed": params.get("seed"), "objective": _dig(params, ("objective", "name"))}
+    for header, path, keys, scale in COLUMNS + PROTOCOLS:
+        value = _dig(data, ("metrics", path, "data", *keys))
+        row[header] = None if value is None else value * scale
+    return row
+
+
+def experiments(show: list[dict], prefix: str, workspace: bool = False) -> list[dict]:
+    """Flatten `dvc exp show --json` into {name, seed, objective, <column>: value} for matching names (and
+    the workspace's results, named "workspace", with ``workspace``)."""
     rows = []
+    if workspace:
+        ws = next((c for c in show if c.get("rev") == "workspace"), None)
+        if ws is None or not ws.get("data"):
+            raise SystemExit("no workspace results in `dvc exp show`: run `make repro` first")
+        rows.append(_row("workspace", ws["data"]))
     for commit in show:
         for exp in commit.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state")
@@ -72,12 +88,7 @@ def experiments(show: list[dict], prefix: str) -> list[dict]:
                 data = rev.get("data") or {}
                 if not name.startswith(prefix) or rev.get("error") or not data:
                     continue
-                params = _dig(data, ("params", "params.yaml", "data")) or {}
-                row = {"name": name, "seed": params.get("seed"), "objective": _dig(params, ("objective", "name"))}
-                for header, path, keys, scale in COLUMNS + PROTOCOLS:
-                    value = _dig(data, ("metrics", path, "data", *keys))
-                    row[header] = None if value is None else value * scale
-                rows.append(row)
+                rows.append(_row(name, data))
     return sorted(rows, key=lambda r: (str(r["objective"]), r["seed"] if r["seed"] is not None else -1))
 
 
@@ -132,6 +143,7 @@ def main() -> None:
     ap.add_argument("--prefix", default="seeds", help="experiment name prefix (make seeds PREFIX=...)")
     ap.add_argument("--json", help="read this saved `dvc exp show --json` output instead of running dvc")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every seed meets the demo gate")
+    ap.add_argument("--workspace", action="store_true", help="also a row of the workspace's own results (make repro)")
     ap.add_argument(
         "--view", choices=["gate", "protocols", "both"], default="both",
         help="gate: probe gap, k-NN, segmentation, finetuning; protocols: linear vs attentive probe, low-shot, "
@@ -148,7 +160,7 @@ def main() -> None:
             sys.exit("dvc not found: run `make seed-table`, or activate the project's .venv")
         out = subprocess.run([dvc, "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
         show = json.loads(out)
-    rows = experiments(show, args.prefix)
+    rows = experiments(show, args.prefix, args.workspace)
     if not rows:
         sys.exit(f"no experiment named {args.prefix}* in `dvc exp show`: run `make seeds` first")
     views = ["gate", "protocols"] if args.view == "both" else [args.view]

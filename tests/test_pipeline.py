@@ -165,6 +165,8 @@ def test_seed_runs_and_their_table(repo):
     assert (repo / "metrics/linprobe.json").read_text() == before  # the workspace is left as it was
     protocols = [line for line in r.stdout.splitlines() if line.startswith("| ijepa | 1 |")][1]
     assert f"| {exp['attentive']:.1f} | {exp['attentive rand']:.1f} |" in protocols and exp["RankMe"] >= 1
+    both = sh(repo, sys.executable, "scripts/seed_table.py", "--prefix", "seeds", "--workspace", "--view", "gate")
+    assert [line[:13] for line in both.stdout.splitlines()[2:4]] == ["| ijepa | 0 |", "| ijepa | 1 |"]
     # the health monitor of that experiment drawn beside the workspace's
     sh(repo, sys.executable, "scripts/plot_monitor.py", "--exp", "seeds-ijepa-seed1", "--out", "monitor.png")
     assert (repo / "monitor.png").stat().st_size > 1000
