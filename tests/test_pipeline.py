@@ -133,7 +133,7 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     assert [m.step for m in health] == [0, pre["steps"]] and pre["final_rankme"] == health[-1].value
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
     assert "metrics/pretrain.json" in json.dumps(shown)
-    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]
     for name in ("pretrain_rankme", "pretrain_online_knn", "plots/pretrain_monitor.png", "plots/lowshot.png"):
         assert name in plots, name
 
