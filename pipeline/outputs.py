@@ -58,6 +58,18 @@ def plot_series(rows: Sequence[Mapping], x: str, ys: Sequence[str], path: str | 
     return save_figure(fig, path, title)
 
 
+ENCODER_COLORS = {"pretrained": "tab:blue", "random_init": "tab:gray", "pixels": "tab:orange"}  # probe plots
+
+
+def text_figure(path: str | Path, text: str) -> Path:
+    """A PNG holding one line of text: the output of a plot whose stage had nothing to draw (dvc.yaml
+    lists the file either way)."""
+    fig, axes = new_figure(1, 1, (5, 1.5))
+    axes[0, 0].axis("off")
+    axes[0, 0].text(0.5, 0.5, text, ha="center")
+    return save_figure(fig, path)
+
+
 def new_figure(rows: int, cols: int, size: tuple[float, float]):
     """(fig, axes 2-D array) with the non-interactive backend (stages run headless)."""
     import matplotlib

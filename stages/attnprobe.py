@@ -11,7 +11,7 @@ from tqdm import tqdm
 from ijepa.device import pick_device
 from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.features import load_features
-from pipeline.outputs import new_figure, save_figure, write_json
+from pipeline.outputs import ENCODER_COLORS, new_figure, save_figure, text_figure, write_json
 from pipeline.params import section
 from pipeline.stage import main
 
@@ -34,10 +34,7 @@ def run(params: dict, ctx, tracker) -> dict:
     p, seed = section(params, "attnprobe"), section(params, "seed")
     if not p.enabled:  # the outputs exist either way (dvc.yaml lists them); they say the probe did not run
         write_json(ctx.root / "metrics/attnprobe.json", {"enabled": False})
-        fig, axes = new_figure(1, 1, (5, 1.5))
-        axes[0, 0].axis("off")
-        axes[0, 0].text(0.5, 0.5, "attentive probe not run (attnprobe.enabled: false)", ha="center")
-        save_figure(fig, ctx.root / "plots/attnprobe.png")
+        text_figure(ctx.root / "plots/attnprobe.png", "attentive probe not run (attnprobe.enabled: false)")
         return {"enabled": 0}
     device = pick_device(p.device)
     results, splits = {}, ("train", "val", "test")
@@ -79,7 +76,6 @@ def run(params: dict, ctx, tracker) -> dict:
 def _plot(results: dict, path: Path) -> Path:
     fig, axes = new_figure(1, 1, (6.5, 3.6))
     ax = axes[0, 0]
-    colors = {"pretrained": "tab:blue", "random_init": "tab:gray", "pixels": "tab:orange"}
     lrs = [r["lr"] for r in results["pretrained"]["table"]]
     width = 0.8 / len(results)
     for i, (name, res) in enumerate(results.items()):
@@ -88,7 +84,7 @@ def _plot(results: dict, path: Path) -> Path:
             xs,
             [r["val_top1"] for r in res["table"]],
             width,
-            color=colors[name],
+            color=ENCODER_COLORS[name],
             label=f"{name} (test {res['test_top1']:.3f})",
         )
     ax.set_xticks(range(len(lrs)), [f"lr {lr:g}" for lr in lrs])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ijepa.eval.features import load_features
 from ijepa.eval.linear import train_linear_grid
-from pipeline.outputs import new_figure, save_figure, write_json
+from pipeline.outputs import ENCODER_COLORS, new_figure, save_figure, write_json
 from pipeline.params import section
 from pipeline.stage import main
 
@@ -66,8 +66,7 @@ def run(params: dict, ctx, tracker) -> dict:
 def _plot(rows: list[dict], metrics: dict, path: Path) -> Path:
     fig, axes = new_figure(1, 1, (max(6, 0.35 * len(rows)), 4))
     ax = axes[0, 0]
-    colors = {"pretrained": "tab:blue", "random_init": "tab:gray", "pixels": "tab:orange"}
-    ax.bar(range(len(rows)), [r["val_top1"] for r in rows], color=[colors[r["encoder"]] for r in rows])
+    ax.bar(range(len(rows)), [r["val_top1"] for r in rows], color=[ENCODER_COLORS[r["encoder"]] for r in rows])
     ax.set_xticks(range(len(rows)), [f"{r['encoder'][:6]} {r['head']}" for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("val top-1")
     lo = min(r["val_top1"] for r in rows)

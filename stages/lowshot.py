@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ijepa.eval.features import load_features
 from ijepa.eval.lowshot import lowshot_probe, protocols
-from pipeline.outputs import new_figure, save_figure, write_json
+from pipeline.outputs import ENCODER_COLORS, new_figure, save_figure, write_json
 from pipeline.params import section
 from pipeline.stage import main
 
@@ -50,14 +50,13 @@ def run(params: dict, ctx, tracker) -> dict:
 def _plot(table: dict, path: Path) -> Path:
     fig, axes = new_figure(1, 1, (6.5, 3.6))
     ax = axes[0, 0]
-    colors = {"pretrained": "tab:blue", "random_init": "tab:gray", "pixels": "tab:orange"}
     protos = list(table)
     width = 0.8 / len(ENCODERS)
     for i, name in enumerate(ENCODERS):
         xs = [j + (i - (len(ENCODERS) - 1) / 2) * width for j in range(len(protos))]
         means = [table[p][name]["mean"] for p in protos]
         sds = [table[p][name]["sd"] for p in protos]
-        ax.bar(xs, means, width, yerr=sds, capsize=3, color=colors[name], label=name)
+        ax.bar(xs, means, width, yerr=sds, capsize=3, color=ENCODER_COLORS[name], label=name)
     ax.set_xticks(range(len(protos)), [f"{p} ({table[p]['pretrained']['train_images']} img)" for p in protos])
     ax.set_ylabel("test top-1 (mean +- sd over subsets)")
     ax.set_ylim(0.0, 1.0)

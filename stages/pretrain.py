@@ -23,14 +23,14 @@ from tqdm import tqdm
 from ijepa.checkpoint import load_checkpoint_meta
 from ijepa.data import eval_transform, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize, build_batch
-from ijepa.data.memory import decode_split, epoch_batches
+from ijepa.data.memory import DecodedSplit, decode_split, epoch_batches
 from ijepa.device import pick_device
 from ijepa.distributed import all_reduce_mean, any_rank, env_from_os, init_distributed, shutdown, wrap_ddp
 from ijepa.monitor import CollapseError, HealthMonitor
 from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
 from pipeline import preemption
 from pipeline.context import params_hash
-from pipeline.outputs import StepCSV, new_figure, plot_series, save_figure, write_json
+from pipeline.outputs import StepCSV, plot_series, text_figure, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
 from pipeline.stage import main
 
@@ -46,12 +46,14 @@ def _health_monitor(root: Path, manifest: dict, mon, crop: int, device, bf16: bo
     """The first ``mon.bank`` training images and ``mon.queries`` validation images, centre-cropped once
     (the train split continues after the bank when there is no validation split)."""
     transform, urls = eval_transform(crop), lambda split: shard_urls(root / SHARDS, split)
-    bank = decode_split(urls("train"), setting="pretrain.monitor", limit=mon.bank)
-    if "val" in manifest["splits"]:
+    has_val = "val" in manifest["splits"]
+    train = decode_split(urls("train"), setting="pretrain.monitor", limit=mon.bank + (0 if has_val else mon.queries))
+    n = min(mon.bank, len(train))
+    bank = DecodedSplit(train.images[:n], train.labels[:n], train.keys[:n])
+    if has_val:
         queries = decode_split(urls("val"), setting="pretrain.monitor", limit=mon.queries)
     else:
-        both = decode_split(urls("train"), setting="pretrain.monitor", limit=mon.bank + mon.queries)
-        queries = type(both)(both.images[len(bank) :], both.labels[len(bank) :], both.keys[len(bank) :])
+        queries = DecodedSplit(train.images[n:], train.labels[n:], train.keys[n:])
         if not len(queries):
             raise ParamError(
                 f"pretrain.monitor.bank: {mon.bank} takes every training image and there is no validation split "
@@ -303,10 +305,7 @@ def _plot_health(rows: list[dict], health: HealthMonitor | None, path: Path) -> 
     if rows:
         title = f"target-encoder health ({len(health.bank)} bank, {len(health.queries)} query images)"
         return plot_series(rows, "step", MONITOR_COLUMNS[2:], path, title)
-    fig, axes = new_figure(1, 1, (5, 1.5))  # the output exists either way (dvc.yaml lists it)
-    axes[0, 0].axis("off")
-    axes[0, 0].text(0.5, 0.5, "no health monitor rows (pretrain.monitor.enabled: false)", ha="center")
-    return save_figure(fig, path)
+    return text_figure(path, "no health monitor rows (pretrain.monitor.enabled: false)")
 
 
 if __name__ == "__main__":
