@@ -39,25 +39,27 @@ def run(params: dict, ctx, tracker) -> dict:
     device = pick_device(p.device)
     results, splits = {}, ("train", "val", "test")
     bar = tqdm(total=len(ENCODERS) * len(p.lrs) * p.epochs, desc="attnprobe", mininterval=5)
-    for name in ENCODERS:
-        feats = _tokens(ctx.root, name)
-        present = [s for s in splits if s in feats]
-        results[name] = train_attentive_probe(
-            {s: feats[s]["tokens"] for s in present},
-            {s: feats[s]["labels"] for s in present},
-            num_classes=len(feats["meta"]["classes"]),
-            lrs=p.lrs,
-            num_heads=p.num_heads,
-            epochs=p.epochs,
-            batch_size=p.batch_size,
-            weight_decay=p.weight_decay,
-            warmup_epochs=p.warmup_epochs,
-            seed=seed,
-            device=device,
-            progress=lambda lr, epoch: bar.update(1),
-        )
-        del feats
-    bar.close()
+    try:
+        for name in ENCODERS:
+            feats = _tokens(ctx.root, name)
+            present = [s for s in splits if s in feats]
+            results[name] = train_attentive_probe(
+                {s: feats[s]["tokens"] for s in present},
+                {s: feats[s]["labels"] for s in present},
+                num_classes=len(feats["meta"]["classes"]),
+                lrs=p.lrs,
+                num_heads=p.num_heads,
+                epochs=p.epochs,
+                batch_size=p.batch_size,
+                weight_decay=p.weight_decay,
+                warmup_epochs=p.warmup_epochs,
+                seed=seed,
+                device=device,
+                progress=lambda lr, epoch: bar.update(1),
+            )
+            del feats
+    finally:  # an error starts on a line of its own
+        bar.close()
     best = results["pretrained"]
     metrics = {
         "top1": best["test_top1"],

@@ -207,3 +207,22 @@ def test_segmentation_stages_on_an_official_checkpoint(project, monkeypatch):
     bad["seg_data"]["width"] = 83
     with pytest.raises(ParamError, match="seg_data.height/width"):
         run_stage("seg_train", seg_train.run, seg_train.SECTIONS, root=root, params=bad)
+
+
+def test_attnprobe_without_a_token_cache_is_one_clear_line(tmp_path):
+    """extract ran with extract.tokens false (or not at all): the error names the file and the setting."""
+    import os
+    import subprocess
+    import sys
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.attnprobe"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert last.startswith("attnprobe: error: ") and "tokens_pretrained.pt not found" in last
+    assert "extract.tokens: true" in last
