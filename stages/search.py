@@ -3,10 +3,12 @@ queries (recall@1, recall@5, mAP) and a picture grid of queries with their neare
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ijepa.data import read_manifest, shard_urls
 from ijepa.data.loaders import read_images
+from ijepa.data.tario import tar_samples
 from ijepa.eval.features import load_features
 from ijepa.eval.search import SearchIndex, retrieval_metrics
 from pipeline.outputs import write_json
@@ -18,12 +20,8 @@ FEATURES, SHARDS, INDEX = Path("data/features"), Path("data/shards"), Path("mode
 
 
 def _sources(manifest_dir: Path, split: str, keys: list[str]) -> list[str]:
-    import json
-
-    import webdataset as wds
-
     src = {}
-    for s in wds.tarfile_to_samples()(iter([{"url": u} for u in shard_urls(manifest_dir, split)])):
+    for s in tar_samples({"url": u} for u in shard_urls(manifest_dir, split)):
         src[s["__key__"]] = json.loads(s["json"])["source"]
     return [src[k] for k in keys]
 

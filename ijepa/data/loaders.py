@@ -7,11 +7,14 @@ per-image channel shuffle, no stacking copy, 4x less inter-process traffic than 
 Grey images are replicated to 3 channels at decode (OpenCV ``IMREAD_COLOR``), so every model has a
 3-channel patch embedding and official RGB weights apply unchanged.
 
-Pretraining: each rank takes its own subset of shards (``shards[rank::world]`` when there are at least as
-many shards as ranks), each worker resamples shards from that subset with replacement and shuffles
-samples in a buffer, all from generators seeded by (seed, epoch, rank, worker); an epoch is exactly
-``batches_per_epoch`` batches on every rank (``with_epoch``), so DDP never waits at an epoch end. Masks
-are drawn inside the workers, at each batch's global step.
+Pretraining: the split's samples, in shard order, are cut into ``world_size`` equal contiguous slices (to
+one image), so every rank holds the same number of images whatever the shard sizes; a rank's slice is a
+list of pieces ``(shard, first sample, end)``. Each worker resamples pieces with replacement, with
+probability proportional to the images they hold (a short last shard comes up as often as its images
+warrant, not as often as a full shard), and shuffles samples in a buffer, all from generators seeded by
+(seed, epoch, rank, worker); an epoch is exactly ``batches_per_epoch`` batches on every rank
+(``with_epoch``), so DDP never waits at an epoch end. Masks are drawn inside the workers, at each batch's
+global step. Shards are read by ``tario`` (tar headers parsed directly, slices seeked to).
 
 Evaluation: every sample exactly once across ranks and workers, in a deterministic order: shards are
 dealt to the (rank, worker) readers when there are enough of them, otherwise every reader scans all shards
@@ -28,10 +31,13 @@ from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
+
+from .tario import count_samples, tar_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,7 +53,16 @@ def _worker() -> tuple[int, int]:
 
 
 def decode_array(data: bytes, where: str = "sample") -> np.ndarray:
-    """JPEG/PNG bytes -> (H, W, 3) uint8 array in OpenCV's BGR order (grey replicated to 3 channels)."""
+    """JPEG/PNG bytes -> (H, W, 3) uint8 array in OpenCV's BGR order (grey replicated to 3 channels).
+
+    JPEGs go through simplejpeg (libjpeg-turbo's TurboJPEG API, straight into BGR: about 25% faster than
+    ``cv2.imdecode`` on ImageNet-sized images, ``benchmarks/bench_data.py``); anything it refuses, and PNGs,
+    through OpenCV."""
+    if data[:2] == b"\xff\xd8":
+        try:
+            return simplejpeg.decode_jpeg(data, colorspace="BGR")
+        except ValueError:
+            pass  # e.g. a CMYK or 12-bit JPEG: OpenCV decodes it or reports it below
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
         raise ValueError(f"cannot decode the image of {where}")
@@ -67,13 +82,56 @@ def _resize_into(src: np.ndarray, dst: np.ndarray) -> None:
     cv2.resize(src, (w, h), dst=dst, interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
 
 
+class TimmRandAugment(v2.RandAugment):
+    """timm's ``rand-m{M}-mstd0.5`` (MAE's finetuning recipe uses M = 9) on torchvision's RandAugment ops.
+
+    timm's magnitude M is on a 0-10 scale: an op runs at M / 10 of its range (rotate up to 30 degrees,
+    shear 0.3, translate 0.45 of the side, colour/contrast/brightness/sharpness factors 1 +- 0.9). torchvision's
+    ``RandAugment(magnitude=9)`` indexes 31 bins, i.e. 9 / 30 of the range: a third of timm's strength. Here
+    the magnitude is drawn per image from N(M, ``std``) clipped to [0, 10] (timm's mstd; timm draws per op)
+    and mapped onto 101 bins, so an op runs at M / 10 of torchvision's range, which matches timm's maxima.
+    torchvision's posterize and solarize already grow stronger with the magnitude, like timm's "inc1" set.
+    Draws use the torch RNG.
+    """
+
+    def __init__(self, magnitude: float, std: float = 0.5, num_ops: int = 2):
+        if not 0 <= magnitude <= 10:
+            raise ValueError(f"RandAugment magnitude is on timm's 0-10 scale, got {magnitude}")
+        super().__init__(num_ops=num_ops, magnitude=0, num_magnitude_bins=101)
+        self.level, self.std = float(magnitude), float(std)
+
+    def forward(self, *inputs):
+        m = self.level + self.std * float(torch.randn(())) if self.std > 0 else self.level
+        self.magnitude = round(min(max(m, 0.0), 10.0) * 10)  # bin of 101: fraction m / 10 of the range
+        return super().forward(*inputs)
+
+
+def random_erasing(x: torch.Tensor, p: float) -> torch.Tensor:
+    """timm's RandomErasing as MAE finetunes with it (``reprob`` p, mode "pixel", one box): per image, with
+    probability ``p``, a box of 2-33% of the area and aspect ratio 0.3-3.3 is filled with standard-normal
+    noise, on the normalised (B, 3, H, W) batch, in place. Draws use the torch RNG (on the CPU)."""
+    if p <= 0:
+        return x
+    b, _, h, w = x.shape
+    for i in torch.nonzero(torch.rand(b) < p).flatten().tolist():
+        for _ in range(10):  # torchvision's rule: 10 tries of area x log-uniform ratio
+            area = h * w * float(torch.empty(()).uniform_(0.02, 1 / 3))
+            ratio = math.exp(float(torch.empty(()).uniform_(math.log(0.3), math.log(1 / 0.3))))
+            eh, ew = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < eh < h and 0 < ew < w:
+                top, left = int(torch.randint(0, h - eh + 1, ())), int(torch.randint(0, w - ew + 1, ()))
+                noise = torch.randn((x.shape[1], eh, ew)).to(x.device, x.dtype)
+                x[i, :, top : top + eh, left : left + ew] = noise
+                break
+    return x
+
+
 class PretrainTransform:
     """Upstream's ``make_transforms`` for one image, written into a batch slot.
 
     RandomResizedCrop(crop_size, scale=crop_scale, ratio 3/4-4/3) with torchvision's sampling rule, optional
     horizontal flip, colour distortion (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 plus RandomGrayscale
-    0.2) and Gaussian blur (p 0.5, sigma 0.1-2); for finetuning, RandAugment (2 ops of magnitude
-    ``rand_augment``). Normalisation is ``Normalize``'s job, on the batch.
+    0.2) and Gaussian blur (p 0.5, sigma 0.1-2); for finetuning, ``TimmRandAugment(rand_augment)``. Normalisation is ``Normalize``'s job, on the batch.
     Crop and flip draw from the ``random.Random`` handed in (seeded per worker by the loaders); colour and
     blur use the torch RNG (seeded per worker too).
     """
@@ -101,7 +159,7 @@ class PretrainTransform:
         if gaussian_blur:
             extra.append(v2.RandomApply([v2.GaussianBlur(max(3, (crop_size // 10) | 1), sigma=(0.1, 2.0))], p=0.5))
         if rand_augment:
-            extra.append(v2.RandAugment(num_ops=2, magnitude=rand_augment))  # finetuning (MAE recipe: m9)
+            extra.append(TimmRandAugment(rand_augment))  # finetuning (MAE recipe: rand-m9-mstd0.5-inc1)
         self._extra = v2.Compose(extra) if extra else None
 
     def crop_params(self, rng: random.Random, height: int, width: int) -> tuple[int, int, int, int]:
@@ -167,9 +225,12 @@ def build_batch(
 ) -> torch.Tensor:
     """Transform decoded BGR images into one uint8 (B, S, S, 3) batch (in shared memory when ``shared``)."""
     s = transform.crop_size
-    buf = torch.empty((len(arrays), s, s, 3), dtype=torch.uint8)
-    if shared:
-        buf.share_memory_()  # workers hand the batch over without another copy
+    shape = (len(arrays), s, s, 3)
+    if shared:  # allocated in shared memory: workers hand the batch over without another copy
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        buf = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    else:
+        buf = torch.empty(shape, dtype=torch.uint8)
     view = buf.numpy()
     for i, arr in enumerate(arrays):
         transform.apply(arr, view[i], rng)
@@ -200,19 +261,36 @@ def to_rgb_uint8(batch: torch.Tensor) -> torch.Tensor:
     return batch.flip(-1).permute(0, 3, 1, 2).contiguous()
 
 
-class _RankShards(torch.utils.data.IterableDataset):
-    """Infinite stream of this rank's shards, resampled with replacement per worker (resampled=True)."""
+def rank_pieces(urls: Sequence[str], counts: Sequence[int], rank: int, world_size: int) -> list[dict]:
+    """This rank's slice ``[rank N / W, (rank + 1) N / W)`` of the split's N samples (shards concatenated in
+    order) as pieces ``{"url", "start", "stop"}`` (sample indices within the shard)."""
+    if len(urls) != len(counts):
+        raise ValueError(f"{len(urls)} shards but {len(counts)} counts")
+    total = sum(counts)
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    pieces, first = [], 0
+    for url, n in zip(urls, counts, strict=True):
+        a, b = max(lo, first) - first, min(hi, first + n) - first
+        if a < b:
+            pieces.append({"url": url, "start": a, "stop": b})
+        first += n
+    return pieces
 
-    def __init__(self, urls: Sequence[str], rank: int, world_size: int, seed: int, epoch: int):
+
+class _RankShards(torch.utils.data.IterableDataset):
+    """Infinite stream of this rank's pieces of shards, resampled with replacement per worker, each with
+    probability proportional to its number of samples."""
+
+    def __init__(self, pieces: Sequence[dict], rank: int, seed: int, epoch: int):
         super().__init__()
-        urls = list(urls)
-        self.urls = urls[rank::world_size] if len(urls) >= world_size else urls
+        self.pieces = list(pieces)
+        self.weights = [p["stop"] - p["start"] for p in self.pieces]
         self.rank, self.seed, self.epoch = rank, seed, epoch
 
     def __iter__(self) -> Iterator[dict]:
         rng = random.Random(_seed("shards", self.seed, self.epoch, self.rank, _worker()[0]))
         while True:
-            yield {"url": rng.choice(self.urls)}
+            yield from rng.choices(self.pieces, weights=self.weights, k=64)
 
 
 def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, initial: int = 100) -> Iterator:
@@ -280,6 +358,7 @@ def pretrain_loader(
     world_size: int = 1,
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
+    counts: Sequence[int] | None = None,
 ) -> wds.WebLoader:
     """Loader for one pretraining epoch: exactly ``batches_per_epoch`` batches of
     ``((images uint8 (B, S, S, 3) BGR, labels), masks_enc, masks_pred)``.
@@ -294,12 +373,17 @@ def pretrain_loader(
         epoch, seed, rank, world_size: fix every random draw of the data stream.
         num_workers: DataLoader worker processes.
         shuffle_buffer: samples held for shuffling in each worker.
+        counts: samples per shard (the manifest's; None: counted from the tar headers).
     """
     if not urls:
         raise ValueError("pretrain_loader needs at least one shard")
+    counts = [count_samples(u) for u in urls] if counts is None else list(counts)
+    pieces = rank_pieces(urls, counts, rank, world_size)
+    if sum(p["stop"] - p["start"] for p in pieces) < batch_size:
+        raise ValueError(f"rank {rank} of {world_size} holds fewer images than one batch of {batch_size}")
     pipeline = wds.DataPipeline(
-        _RankShards(urls, rank, world_size, seed, epoch),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        _RankShards(pieces, rank, seed, epoch),
+        tar_samples,
         functools.partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank),
         functools.partial(
             _pretrain_batches,
@@ -337,7 +421,7 @@ class _EvalBatches(torch.utils.data.IterableDataset):
         me = self.rank * self.num_workers + _worker()[0]
         by_shard = len(self.urls) >= readers
         urls = self.urls[me::readers] if by_shard else self.urls
-        samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls]))
+        samples = tar_samples({"url": u} for u in urls)
         for i, sample in enumerate(samples):
             if by_shard or i % readers == me:
                 yield sample
@@ -374,7 +458,7 @@ def eval_loader(
 def read_images(urls: Sequence[str], keys: Sequence[str]) -> dict[str, torch.Tensor]:
     """Fetch specific samples by key from shards: key -> (3, H, W) uint8 RGB (for pictures)."""
     wanted, found = set(keys), {}
-    for sample in wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls])):
+    for sample in tar_samples({"url": u} for u in urls):
         if sample["__key__"] in wanted:
             found[sample["__key__"]] = decode_image(*_image_bytes(sample))
             if len(found) == len(wanted):

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from .loaders import _image_bytes, _seed, build_batch, decode_array, pretrain_loader
+from .tario import tar_samples
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def decode_split(
     if not urls:
         raise ValueError("decode_split needs at least one shard")
     images, labels, keys, total = [], [], [], 0
-    samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls]))
+    samples = tar_samples({"url": u} for u in urls)
     for sample in itertools.islice(samples, limit):
         arr = decode_array(*_image_bytes(sample))
         total += arr.nbytes
@@ -132,15 +132,17 @@ def epoch_batches(
     start: int = 0,
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
+    counts: Sequence[int] | None = None,
     **stream,
 ) -> Iterator[tuple]:
     """Batches ``start ..`` of one training epoch from a decoded split (``memory_batches``) or from shards
-    (``pretrain_loader`` with ``num_workers`` and ``shuffle_buffer``, its first ``start`` batches skipped);
+    (``pretrain_loader`` with ``num_workers``, ``shuffle_buffer`` and the shards' sample ``counts``, its first
+    ``start`` batches skipped);
     ``stream`` holds the arguments both take (batch_size, transform, seed, rank, world_size)."""
     common = dict(collator=collator, batches_per_epoch=batches_per_epoch, epoch=epoch, **stream)
     if isinstance(source, DecodedSplit):
         return memory_batches(source, start=start, **common)
     if collator is not None:
         collator.set_start_step(epoch * batches_per_epoch)
-    loader = pretrain_loader(source, num_workers=num_workers, shuffle_buffer=shuffle_buffer, **common)
+    loader = pretrain_loader(source, num_workers=num_workers, shuffle_buffer=shuffle_buffer, counts=counts, **common)
     return itertools.islice(loader, start, None)
