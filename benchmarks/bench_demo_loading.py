@@ -70,7 +70,12 @@ def main() -> None:
                 num_workers=1 if kind == "stream, 1 worker" else 0, batch_size=BATCH, transform=transform,
             )  # fmt: skip
 
-        jepa = build_jepa(ModelSpec("vit_tiny", 4, 28, pred_depth=4, pred_emb_dim=96, overrides={"depth": 6}), 0)
+        jepa = build_jepa(
+            ModelSpec(
+                name="vit_tiny", patch_size=4, img_size=28, pred_depth=4, pred_emb_dim=96, overrides={"depth": 6}
+            ),
+            0,
+        )
         opt = build_optimizer(jepa)
         sched = make_schedules(
             ipe=ipe, epochs=1000, warmup_epochs=1, start_lr=5e-5, lr=1.5e-4, final_lr=1e-6,

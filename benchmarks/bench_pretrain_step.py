@@ -49,13 +49,15 @@ PAPER_MASKS = dict(
 DEMO_MASKS = dict(PAPER_MASKS, npred=2, min_keep=4)
 SETTINGS = {
     "demo": dict(
-        spec=ModelSpec("vit_tiny", 4, 28, pred_depth=4, pred_emb_dim=96, overrides={"depth": 6}),
+        spec=ModelSpec(
+            name="vit_tiny", patch_size=4, img_size=28, pred_depth=4, pred_emb_dim=96, overrides={"depth": 6}
+        ),
         batch=64,
         masks=DEMO_MASKS,
         label="demo: vit_tiny x6 @28/4, B=64, pred 4x96",
     ),
     "224": dict(
-        spec=ModelSpec("vit_tiny", 16, 224, pred_depth=6, pred_emb_dim=384),
+        spec=ModelSpec(name="vit_tiny", patch_size=16, img_size=224, pred_depth=6, pred_emb_dim=384),
         batch=8,
         masks=PAPER_MASKS,
         label="vit_tiny/16 @224, B=8, pred 6x384",

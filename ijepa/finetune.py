@@ -1,5 +1,5 @@
 """Full finetuning with the MAE recipe: AdamW, lr scaled by batch size, warmup then cosine, layer-wise lr
-decay, stochastic depth, MixUp/CutMix with label smoothing, real gradient accumulation, optional model EMA,
+decay, stochastic depth, RandAugment at timm's strength and RandomErasing, MixUp/CutMix with label smoothing, real gradient accumulation, optional model EMA,
 bf16 autocast (CUDA or CPU). Upstream's scheduler sets one lr for every group, which is why the forks could not decay
 layer-wise; here each param group carries an ``lr_scale``.
 """
@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from .checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
+from .data.loaders import random_erasing
 from .device import autocast
 from .models.vit import VisionTransformer
 
@@ -228,7 +229,7 @@ def ema_copy(model: nn.Module) -> nn.Module:
     return ema
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by keyword only: no silent swap of two numbers
 class FinetuneSpec:
     """The recipe; lr = blr x effective batch / 256 (MAE's rule)."""
 
@@ -246,6 +247,7 @@ class FinetuneSpec:
     model_ema: bool = False
     ema_decay: float = 0.9999
     bf16: bool = True
+    random_erasing: float = 0.25  # MAE's reprob: per-image probability of one noise-filled box
 
 
 def train_classifier(
@@ -291,7 +293,8 @@ def train_classifier(
         model.train()
         micro, losses = [], []
         for imgs, labels in train_batches(epoch):
-            micro.append(mix(prepare(imgs), torch.as_tensor(labels).to(device)))
+            x = random_erasing(prepare(imgs), spec.random_erasing)
+            micro.append(mix(x, torch.as_tensor(labels).to(device)))
             if len(micro) < spec.accum_steps:
                 continue
             set_lr(optimizer, lr_at(step, total=total, warmup=warmup, lr=lr, min_lr=spec.min_lr))

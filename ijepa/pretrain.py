@@ -15,7 +15,7 @@ from .models.registry import create_encoder, create_predictor
 from .schedules import make_schedules
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by keyword only: no silent swap of two numbers
 class ModelSpec:
     """Encoder preset and geometry, and the predictor's size."""
 
@@ -29,7 +29,7 @@ class ModelSpec:
     objective: Mapping = field(default_factory=lambda: {"name": "ijepa"})  # or dmt_jepa with window, k, depth
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by keyword only: no silent swap of two numbers
 class OptimSpec:
     """Upstream's optimisation section."""
 

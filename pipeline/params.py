@@ -292,7 +292,8 @@ class FinetuneParams:
     label_smoothing: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
     mixup: float = spec(0.8, non_negative, "be >= 0 (0 = off)")
     cutmix: float = spec(1.0, non_negative, "be >= 0 (0 = off)")
-    rand_augment: int = spec(9, lambda x: 0 <= x <= 30, "be in [0, 30] (0 = off)")
+    rand_augment: float = spec(9, lambda x: 0 <= x <= 10, "be in [0, 10], timm's scale (0 = off)")
+    random_erasing: float = spec(0.25, lambda x: 0 <= x <= 1, "be in [0, 1] (0 = off)")
     crop_scale: tuple[float, float] = spec((0.08, 1.0), fraction_range, "satisfy 0 < min <= max <= 1")
     horizontal_flip: bool = True
     resize_size: int | None = spec(None, positive, "be > 0 (or null for the crop size)")

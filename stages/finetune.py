@@ -37,21 +37,11 @@ def run(params: dict, ctx, tracker) -> dict:
     crop = encoder.img_size[0]
     pre = Preprocess(crop, p.resize_size or crop)
     spec = FinetuneSpec(
-        p.epochs,
-        p.batch_size,
-        p.accum_steps,
-        p.blr,
-        p.min_lr,
-        p.warmup_epochs,
-        p.weight_decay,
-        p.layer_decay,
-        p.label_smoothing,
-        p.mixup,
-        p.cutmix,
-        p.model_ema,
-        p.ema_decay,
-        p.bf16,
-    )
+        epochs=p.epochs, batch_size=p.batch_size, accum_steps=p.accum_steps, blr=p.blr, min_lr=p.min_lr,
+        warmup_epochs=p.warmup_epochs, weight_decay=p.weight_decay, layer_decay=p.layer_decay,
+        label_smoothing=p.label_smoothing, mixup=p.mixup, cutmix=p.cutmix, model_ema=p.model_ema,
+        ema_decay=p.ema_decay, bf16=p.bf16, random_erasing=p.random_erasing,
+    )  # fmt: skip
     n_train = manifest["splits"]["train"]["count"]
     steps = n_train // (p.batch_size * p.accum_steps * ctx.world_size)
     train_tf = pretrain_transform(
@@ -67,7 +57,7 @@ def run(params: dict, ctx, tracker) -> dict:
         return epoch_batches(
             decoded.get("train", urls["train"]), collator=None, batches_per_epoch=steps * p.accum_steps,
             epoch=epoch, num_workers=p.num_workers, batch_size=p.batch_size, transform=train_tf, seed=seed,
-            rank=ctx.rank, world_size=ctx.world_size,
+            rank=ctx.rank, world_size=ctx.world_size, counts=[s["count"] for s in manifest["splits"]["train"]["shards"]],
         )  # fmt: skip
 
     def eval_batches(split):

@@ -59,8 +59,9 @@ def run(params: dict, ctx, tracker) -> dict:
         hflip=p.hflip, seed=seed,
     )  # fmt: skip
     spec = SegTrainSpec(
-        p.epochs, p.batch_size, p.lr, p.min_lr, p.weight_decay, p.warmup_epochs, p.schedule, 0.9,
-        p.encoder_lr_scale, p.bf16, p.num_workers,
+        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay,
+        warmup_epochs=p.warmup_epochs, schedule=p.schedule, encoder_lr_scale=p.encoder_lr_scale, bf16=p.bf16,
+        num_workers=p.num_workers,
     )  # fmt: skip
     pre = SegPreprocess(d.height, d.width)
     metrics, rows = {}, {}

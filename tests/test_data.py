@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -278,3 +279,90 @@ def test_fashion_mnist_errors_name_the_problem(tmp_path):
         prepare_fashion_mnist(src, tmp_path / "out", progress=False)
     with pytest.raises(FileNotFoundError, match="run the prepare stage first"):
         read_manifest(tmp_path / "never")
+
+
+def test_tario_reads_what_webdataset_reads_and_slices_by_seeking(tmp_path):
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from ijepa.data.tario import ShardError, count_samples, read_samples
+
+    src = make_folder(tmp_path / "train", per_class=5)
+    prepare_image_folder(src, tmp_path / "out", val_fraction=0.0, shard_size=100, workers=1, progress=False)
+    (url,) = shard_urls(tmp_path / "out", "train")
+    ref = list(wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}])))
+    ours = list(read_samples(url))
+    assert len(ours) == len(ref) == count_samples(url) == 15
+    assert all(a == {k: b[k] for k in a} and a.keys() == b.keys() - {"__local_path__"} for a, b in zip(ours, ref))
+    assert [s["__key__"] for s in read_samples(url, 4, 7)] == [s["__key__"] for s in ref[4:7]]
+    # a foreign shard: a PAX long name, a directory and upper-case extensions follow webdataset's rules
+    foreign = tmp_path / "foreign.tar"
+    with tarfile.open(foreign, "w", format=tarfile.PAX_FORMAT) as tar:
+        d = tarfile.TarInfo("sub")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, data in ((f"sub/{'x' * 120}.JPG", b"img"), (f"sub/{'x' * 120}.cls", b"2"), ("sub/b.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = list(read_samples(str(foreign)))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in got] == [
+        (f"sub/{'x' * 120}", ["cls", "jpg"]),
+        ("sub/b", ["cls"]),
+    ]
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(Path(url).read_bytes()[:1000])
+    with pytest.raises(ShardError, match="broken.tar"):
+        list(read_samples(str(broken)))
+
+
+def test_pretrain_ranks_hold_equal_images_and_shards_are_drawn_by_size(tmp_path):
+    """Shards of 1000/1000/50 images: two ranks hold 1025 each, and the short shard's images come up as
+    often as any others (drawn by size, not once per shard)."""
+    import collections
+
+    from ijepa.data.loaders import _RankShards, rank_pieces
+
+    urls, counts = ["a.tar", "b.tar", "c.tar"], [1000, 1000, 50]
+    pieces = [rank_pieces(urls, counts, r, 2) for r in range(2)]
+    assert [sum(p["stop"] - p["start"] for p in ps) for ps in pieces] == [1025, 1025]
+    assert pieces[1] == [{"url": "b.tar", "start": 25, "stop": 1000}, {"url": "c.tar", "start": 0, "stop": 50}]
+    assert [sum(p["stop"] - p["start"] for p in rank_pieces(urls, counts, r, 3)) for r in range(3)] == [683, 683, 684]
+    draws = collections.Counter()
+    for piece in itertools.islice(iter(_RankShards(pieces[1], 1, seed=0, epoch=0)), 20000):
+        draws[piece["url"]] += 1
+    per_image = {u: draws[u] / n for u, n in (("b.tar", 975), ("c.tar", 50))}
+    assert 0.85 < per_image["c.tar"] / per_image["b.tar"] < 1.15  # the old rule drew c.tar 19.5x too often
+
+
+def test_rand_augment_has_timms_strength_and_erasing_mae_s():
+    """rand-m9-mstd0.5: ops at 9/10 of their range on average (torchvision's magnitude=9 is 9/30)."""
+    from torchvision.transforms import v2
+
+    from ijepa.data.loaders import TimmRandAugment, random_erasing
+
+    torch.manual_seed(0)
+    ra = TimmRandAugment(9)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    bins = []
+    for _ in range(400):
+        ra(img)
+        bins.append(ra.magnitude)
+    bins = torch.tensor(bins, dtype=torch.float64)
+    assert abs(bins.mean() - 90) < 1.0 and 4.0 < bins.std() < 6.0  # N(9, 0.5) on timm's 0-10 scale
+    space = ra._AUGMENTATION_SPACE
+    assert float(space["Rotate"][0](ra.num_magnitude_bins, 32, 32)[90]) == pytest.approx(27.0)  # timm: 30 x 0.9
+    assert float(space["ShearX"][0](ra.num_magnitude_bins, 32, 32)[90]) == pytest.approx(0.27)
+    torchvision_m9 = v2.RandAugment(magnitude=9)
+    assert float(space["Rotate"][0](torchvision_m9.num_magnitude_bins, 32, 32)[9]) == pytest.approx(9.0)
+    with pytest.raises(ValueError, match="0-10"):
+        TimmRandAugment(15)
+    x = torch.zeros((400, 3, 20, 20))
+    random_erasing(x, 0.25)
+    erased = (x != 0).flatten(1).any(1).float()
+    assert 0.18 < erased.mean() < 0.32  # MAE's reprob 0.25
+    area = (x[erased.bool()] != 0).all(1).flatten(1).float().mean(1)
+    assert area.min() >= 0.015 and area.max() <= 0.34  # one box of 2-33% of the image
+    assert torch.equal(random_erasing(torch.ones(4, 3, 8, 8), 0.0), torch.ones(4, 3, 8, 8))

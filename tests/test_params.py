@@ -58,6 +58,17 @@ def test_official_overlay_matches_the_official_config(tmp_path):
     assert p["pretrain"]["batch_size"] * p["launcher"]["nodes"] * p["launcher"]["tasks_per_node"] == 2048
 
 
+def test_official_overlay_evaluates_as_on_imagenet(tmp_path):
+    """ImageNet evaluation settings, not the 28-px demo's: resize 256 then centre 224, ImageNet crops and the
+    paper's finetuning drop path, RandAugment and RandomErasing as MAE's recipe."""
+    p = composed(tmp_path, "experiment=in1k_vith14_ep300")
+    ext, ft = section(p, "extract"), section(p, "finetune")
+    assert (ext.crop_size, ext.resize_size) == (224, 256)
+    assert ft.resize_size == 256 and tuple(ft.crop_scale) == (0.08, 1.0)
+    assert ft.drop_path == 0.25 and ft.weight_decay == 0.04 and ft.layer_decay == 0.75
+    assert (ft.rand_augment, ft.random_erasing, ft.mixup, ft.cutmix) == (9, 0.25, 0.8, 1.0)
+
+
 BASE = load_params(ROOT / "params.yaml")
 
 

@@ -23,7 +23,7 @@ from .model import SegmentationModel
 SEGMENTER_FORMAT = "ijepa-segmenter"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by keyword only: no silent swap of two numbers
 class SegTrainSpec:
     """Optimisation of a segmentation head (and the encoder when it is not frozen)."""
 
