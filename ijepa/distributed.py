@@ -1,9 +1,11 @@
-"""torch.distributed for pretraining: one process per device, launched by torchrun or submitit.
+"""torch.distributed for every stage: one process per device, launched by torchrun or submitit.
 
 Both launchers export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 ``init_distributed`` reads them (NCCL on CUDA, gloo on CPU). Gradients are averaged by DDP, so with every
 rank holding an equal share of the batch a step equals one step over the combined batch: the effective
-batch is ``batch_size x world_size``.
+batch is ``batch_size x world_size``. Evaluation and extraction give every rank a disjoint share of the
+samples and combine the results (``all_reduce_sum``, ``gather_to_main``). Without a process group every
+helper here is the identity, so single-process code calls them unconditionally.
 """
 
 from __future__ import annotations
@@ -109,3 +111,55 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP around any trained module when a process group of more than one rank is up, else the module.
+
+    On CUDA its BatchNorm layers become SyncBatchNorm (statistics over the global batch, as one process
+    would compute them); SyncBatchNorm has no CPU kernel, so gloo ranks keep per-rank statistics.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return module
+    if device.type == "cuda":
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (or the module itself)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a copy). Identity without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` (picklable) as a list on rank 0, in rank order; None on the other ranks.
+    ``[obj]`` without a process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank, so that all ranks end holding the same
+    model (DDP broadcasts them before each forward, which leaves the last step's local update behind)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group): e.g. before reading a file rank 0 wrote."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,11 +1,13 @@
 """Full finetuning with the MAE recipe: AdamW, lr scaled by batch size, warmup then cosine, layer-wise lr
-decay, stochastic depth, RandAugment at timm's strength and RandomErasing, MixUp/CutMix with label smoothing, real gradient accumulation, optional model EMA,
-bf16 autocast (CUDA or CPU). Upstream's scheduler sets one lr for every group, which is why the forks could not decay
-layer-wise; here each param group carries an ``lr_scale``.
+decay, stochastic depth, RandAugment at timm's strength and RandomErasing, MixUp/CutMix with label
+smoothing, real gradient accumulation, optional model EMA, bf16 autocast (CUDA or CPU), DDP. Upstream's
+scheduler sets one lr for every group, which is why the forks could not decay layer-wise; here each param
+group carries an ``lr_scale``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterable, Sequence
@@ -20,6 +22,7 @@ from torchvision.transforms import v2
 from .checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
 from .data.loaders import random_erasing
 from .device import autocast
+from .distributed import all_reduce_mean, all_reduce_sum, unwrap
 from .models.vit import VisionTransformer
 
 CLASSIFIER_FORMAT = "ijepa-classifier"
@@ -129,10 +132,13 @@ def accumulate_step(
     total = sum(len(x) for x, _ in micro_batches)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for x, t in micro_batches:
-        with autocast(device, bf16):
-            loss = soft_cross_entropy(model(x), t)
-        (loss * len(x) / total).backward()
+    for i, (x, t) in enumerate(micro_batches):
+        # under DDP only the last micro-batch's backward averages the accumulated gradients over ranks
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+            with autocast(device, bf16):
+                loss = soft_cross_entropy(model(x), t)
+            (loss * len(x) / total).backward()
         loss_sum += float(loss.detach()) * len(x)
     optimizer.step()
     return loss_sum / total
@@ -147,7 +153,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, *, prepare, device: torch.device, bf16: bool = False) -> dict:
-    """Top-1 / top-5 accuracy and mean loss over (images, labels, keys) batches."""
+    """Top-1 / top-5 accuracy and mean loss over (images, labels, keys) batches; under torch.distributed each
+    rank passes its own share of the samples and gets the totals over all ranks."""
     model.eval()
     n = c1 = c5 = 0
     loss = 0.0
@@ -160,6 +167,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, prepare, device: torch.devi
         c1 += int((top[:, 0] == labels).sum())
         c5 += int((top == labels[:, None]).any(1).sum())
         n += len(labels)
+    n, c1, c5, loss = all_reduce_sum(torch.tensor([n, c1, c5, loss], dtype=torch.float64, device=device)).tolist()
     if n == 0:
         raise ValueError("evaluate got no samples")
     return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n}
@@ -263,13 +271,18 @@ def train_classifier(
     class_names: Sequence[str],
     preprocess: Preprocess,
     world_size: int = 1,
+    is_main: bool = True,
     on_epoch=None,
     progress=None,
 ) -> dict:
     """Finetune, evaluate on val after every epoch and keep the best checkpoint by val top-1.
 
+    Distributed: ``model`` wrapped by ``ijepa.distributed.ddp``, each rank's ``train_batches`` its share of
+    every global batch and ``eval_batches`` its share of the split; losses and accuracies are averaged over
+    ranks (every rank takes the same decisions) and only ``is_main`` writes ``best_path``.
+
     Args:
-        model: ``Classifier`` on ``device`` (built with ``with_drop_path`` for stochastic depth).
+        model: ``Classifier`` on ``device`` (built with ``with_drop_path`` for stochastic depth), or DDP of it.
         spec: the recipe.
         steps_per_epoch: optimizer steps per epoch (each of ``accum_steps`` micro-batches).
         train_batches: ``epoch -> iterable of (uint8 images, labels)`` micro-batches.
@@ -282,11 +295,12 @@ def train_classifier(
     """
     eff_batch = spec.batch_size * spec.accum_steps * world_size
     lr = spec.blr * eff_batch / 256
+    core = unwrap(model)
     optimizer = torch.optim.AdamW(
-        param_groups_lrd(model, spec.weight_decay, spec.layer_decay), lr=lr, betas=(0.9, 0.999)
+        param_groups_lrd(core, spec.weight_decay, spec.layer_decay), lr=lr, betas=(0.9, 0.999)
     )
-    mix = MixTargets(model.head.out_features, spec.mixup, spec.cutmix, spec.label_smoothing)
-    ema = ema_copy(model) if spec.model_ema else None
+    mix = MixTargets(core.head.out_features, spec.mixup, spec.cutmix, spec.label_smoothing)
+    ema = ema_copy(core) if spec.model_ema else None
     total, warmup = spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch)
     step, best, history = 0, {"val_top1": -1.0}, []
     for epoch in range(spec.epochs):
@@ -298,17 +312,18 @@ def train_classifier(
             if len(micro) < spec.accum_steps:
                 continue
             set_lr(optimizer, lr_at(step, total=total, warmup=warmup, lr=lr, min_lr=spec.min_lr))
-            losses.append(accumulate_step(model, optimizer, micro, device=device, bf16=spec.bf16))
+            loss = accumulate_step(model, optimizer, micro, device=device, bf16=spec.bf16)
+            losses.append(float(all_reduce_mean(torch.tensor([loss], device=device))[0]))
             micro = []
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"finetuning loss is {losses[-1]} at step {step}")
             if ema is not None:
-                update_ema(ema, model, spec.ema_decay)
+                update_ema(ema, core, spec.ema_decay)
             step += 1
             if progress is not None:
                 progress(losses[-1])
-        scored = evaluate(model, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16)
-        candidates = [("model", model, scored)]
+        scored = evaluate(core, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16)
+        candidates = [("model", core, scored)]
         if ema is not None:
             candidates.append(
                 ("ema", ema, evaluate(ema, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16))
@@ -323,9 +338,10 @@ def train_classifier(
         for name, net, s in candidates:
             if s["top1"] > best["val_top1"]:
                 best = {"val_top1": s["top1"], "val_top5": s["top5"], "best_epoch": epoch + 1, "weights": name}
-                save_classifier(
-                    best_path, net, class_names, preprocess, epoch=epoch + 1, weights=name, val_top1=s["top1"]
-                )
+                if is_main:
+                    save_classifier(
+                        best_path, net, class_names, preprocess, epoch=epoch + 1, weights=name, val_top1=s["top1"]
+                    )
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
     return best | {"lr": lr, "history": history, "steps": step}

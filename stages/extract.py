@@ -5,6 +5,10 @@ encoder of the checkpoint (target encoder by default, the paper's choice; our pr
 .pth.tar), a randomly initialised encoder of the same architecture, and raw pixels (average-pooled to
 ``pixel_size``). With ``extract.tokens`` it also keeps the last layer's patch tokens (and the pixels'
 patches) in float16, ``tokens_<name>.pt``, for the attentive probe.
+
+Distributed: under ``torchrun --nproc_per_node N -m stages.extract`` (or ``make stage-slurm STAGE=extract``)
+every rank extracts its own share of each split (every sample exactly once) and rank 0 gathers the shares,
+orders them by key as a single process would, and alone writes.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import torch
 from ijepa.checkpoint import load_encoder
 from ijepa.data import eval_loader, eval_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
-from ijepa.device import pick_device
-from ijepa.eval.features import extract_features, save_features
+from ijepa.distributed import gather_to_main
+from ijepa.eval.features import extract_features, merge_features, save_features
 from ijepa.models.vit import VisionTransformer
+from pipeline.distributed import distributed_stage
 from pipeline.outputs import write_json
 from pipeline.params import section
 from pipeline.stage import main
@@ -27,10 +32,10 @@ SECTIONS = ("seed", "extract", "tracking")
 SHARDS, OUT = Path("data/shards"), Path("data/features")
 
 
-def run(params: dict, ctx, tracker) -> dict:
+@distributed_stage("extract.device")
+def run(params: dict, ctx, tracker, device) -> dict:
     p, seed = section(params, "extract"), section(params, "seed")
     ckpt = ctx.root / p.checkpoint
-    device = pick_device(p.device)
     encoder = load_encoder(ckpt, which=p.which).to(device)
     torch.manual_seed(seed)
     random_init = VisionTransformer(**encoder.arch()).eval().to(device)
@@ -45,6 +50,8 @@ def run(params: dict, ctx, tracker) -> dict:
             batch_size=p.batch_size,
             transform=eval_transform(crop, p.resize_size),
             num_workers=p.num_workers,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
         )
         feats = extract_features(
             {"pretrained": encoder, "random_init": random_init},
@@ -54,13 +61,19 @@ def run(params: dict, ctx, tracker) -> dict:
             bf16=p.bf16,
             pixel_size=p.pixel_size,
             tokens=p.tokens,
-            progress=f"extract {split}",
-            total=-(-info["count"] // p.batch_size),
+            progress=f"extract {split}" if ctx.is_main else None,
+            total=-(-info["count"] // (p.batch_size * ctx.world_size)),
         )
+        shares = gather_to_main(feats)
+        if shares is None:  # not rank 0: its share is handed over
+            continue
+        feats = merge_features(shares)
         for name, f in feats.items():
             if p.tokens:
                 tokens[name][split] = {"tokens": f.pop("tokens"), "labels": f["labels"], "keys": f["keys"]}
             out[name][split] = f
+    if not ctx.is_main:
+        return {"world_size": ctx.world_size}
     meta = {
         "checkpoint": str(ckpt),
         "which": p.which,

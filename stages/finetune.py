@@ -1,4 +1,9 @@
-"""finetune: the MAE recipe on the pretrained encoder; best epoch by val top-1, reported on test."""
+"""finetune: the MAE recipe on the pretrained encoder; best epoch by val top-1, reported on test.
+
+Distributed: under ``torchrun --nproc_per_node N -m stages.finetune`` or ``make stage-slurm STAGE=finetune``
+the classifier is trained with DDP (``finetune.batch_size`` per rank; the lr follows the effective batch),
+every rank evaluates its own share of val and test and the counts are summed; rank 0 alone writes.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from ijepa.checkpoint import load_encoder
 from ijepa.data import eval_loader, eval_transform, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
 from ijepa.data.memory import decode_split, epoch_batches, memory_eval_batches
-from ijepa.device import pick_device
+from ijepa.distributed import barrier, ddp
 from ijepa.finetune import (
     Classifier,
     FinetuneSpec,
@@ -20,6 +25,7 @@ from ijepa.finetune import (
     train_classifier,
     with_drop_path,
 )
+from pipeline.distributed import distributed_stage
 from pipeline.outputs import plot_series, write_json
 from pipeline.params import section
 from pipeline.stage import main
@@ -28,9 +34,9 @@ SECTIONS = ("seed", "finetune", "tracking")
 SHARDS, OUT = Path("data/shards"), Path("models/finetune/classifier.pth")
 
 
-def run(params: dict, ctx, tracker) -> dict:
+@distributed_stage("finetune.device")
+def run(params: dict, ctx, tracker, device) -> dict:
     p, seed = section(params, "finetune"), section(params, "seed")
-    device = pick_device(p.device)
     encoder = with_drop_path(load_encoder(ctx.root / p.checkpoint, which=p.which), p.drop_path)
     manifest = read_manifest(ctx.root / SHARDS)
     model = Classifier(encoder, len(manifest["classes"])).to(device)
@@ -42,8 +48,8 @@ def run(params: dict, ctx, tracker) -> dict:
         label_smoothing=p.label_smoothing, mixup=p.mixup, cutmix=p.cutmix, model_ema=p.model_ema,
         ema_decay=p.ema_decay, bf16=p.bf16, random_erasing=p.random_erasing,
     )  # fmt: skip
-    n_train = manifest["splits"]["train"]["count"]
-    steps = n_train // (p.batch_size * p.accum_steps * ctx.world_size)
+    train = manifest["splits"]["train"]
+    steps = train["count"] // (p.batch_size * p.accum_steps * ctx.world_size)
     train_tf = pretrain_transform(
         crop, crop_scale=p.crop_scale, horizontal_flip=p.horizontal_flip, rand_augment=p.rand_augment
     )
@@ -52,39 +58,46 @@ def run(params: dict, ctx, tracker) -> dict:
     # in_memory: every split decoded once for all epochs, batches built in this process
     decoded = {s: decode_split(u, setting="finetune.in_memory") for s, u in urls.items()} if p.in_memory else {}
     eval_tf = eval_transform(crop, pre.resize_size)
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size)
 
     def train_batches(epoch):
         return epoch_batches(
             decoded.get("train", urls["train"]), collator=None, batches_per_epoch=steps * p.accum_steps,
             epoch=epoch, num_workers=p.num_workers, batch_size=p.batch_size, transform=train_tf, seed=seed,
-            rank=ctx.rank, world_size=ctx.world_size, counts=[s["count"] for s in manifest["splits"]["train"]["shards"]],
+            counts=[s["count"] for s in train["shards"]], **shard,
         )  # fmt: skip
 
-    def eval_batches(split):
+    def eval_batches(split):  # this rank's share of the split
         if decoded:
-            return memory_eval_batches(decoded[split], batch_size=256, transform=eval_tf)
-        return eval_loader(urls[split], batch_size=256, transform=eval_tf, num_workers=p.num_workers)
+            return memory_eval_batches(decoded[split], batch_size=256, transform=eval_tf, **shard)
+        return eval_loader(urls[split], batch_size=256, transform=eval_tf, num_workers=p.num_workers, **shard)
 
-    bar = tqdm(total=steps * p.epochs, desc="finetune", mininterval=5)
-    result = train_classifier(
-        model,
-        spec,
-        steps_per_epoch=steps,
-        train_batches=train_batches,
-        eval_batches=eval_batches,
-        prepare=lambda x: normalize(x, device),
-        device=device,
-        best_path=ctx.root / OUT,
-        class_names=manifest["classes"],
-        preprocess=pre,
-        world_size=ctx.world_size,
-        on_epoch=lambda e, row: tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=e),
-        progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
-    )
-    bar.close()
+    bar = tqdm(total=steps * p.epochs, desc="finetune", mininterval=5, disable=not ctx.is_main)
+    try:
+        result = train_classifier(
+            ddp(model, device),
+            spec,
+            steps_per_epoch=steps,
+            train_batches=train_batches,
+            eval_batches=eval_batches,
+            prepare=lambda x: normalize(x, device),
+            device=device,
+            best_path=ctx.root / OUT,
+            class_names=manifest["classes"],
+            preprocess=pre,
+            world_size=ctx.world_size,
+            is_main=ctx.is_main,
+            on_epoch=lambda e, row: tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=e),
+            progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
+        )
+    finally:
+        bar.close()
+    barrier()  # rank 0 has written the best classifier
     best, _, _ = load_classifier(ctx.root / OUT)
     split = "test" if "test" in urls else "val"
     test = evaluate(best.to(device), eval_batches(split), prepare=lambda x: normalize(x, device), device=device)
+    if not ctx.is_main:
+        return {"top1": test["top1"]}
     metrics = {
         "top1": test["top1"],
         "top5": test["top5"],
@@ -93,6 +106,7 @@ def run(params: dict, ctx, tracker) -> dict:
         "best_weights": result["weights"],
         "lr": result["lr"],
         "steps": result["steps"],
+        "world_size": ctx.world_size,
     }
     write_json(ctx.root / "metrics/finetune.json", metrics)
     png = plot_series(

@@ -11,7 +11,6 @@ only rank 0 writes. ``pretrain.batch_size`` is per rank: the effective batch is 
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -24,12 +23,12 @@ from ijepa.checkpoint import load_checkpoint_meta
 from ijepa.data import eval_transform, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize, build_batch
 from ijepa.data.memory import DecodedSplit, decode_split, epoch_batches
-from ijepa.device import pick_device
-from ijepa.distributed import all_reduce_mean, any_rank, env_from_os, init_distributed, shutdown, wrap_ddp
+from ijepa.distributed import all_reduce_mean, any_rank, wrap_ddp
 from ijepa.monitor import CollapseError, HealthMonitor
 from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
 from pipeline import preemption
 from pipeline.context import params_hash
+from pipeline.distributed import distributed_stage
 from pipeline.outputs import StepCSV, plot_series, text_figure, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
 from pipeline.stage import main
@@ -95,24 +94,8 @@ def _check_history(rows: list[dict], start: int, path: Path, out: Path) -> None:
         )
 
 
-def run(params: dict, ctx, tracker) -> dict:
-    denv = env_from_os()
-    device = pick_device(section(params, "pretrain").device, denv.local_rank)
-    if denv.distributed and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # N CPU ranks on one machine each default to every core: share them out (torchrun sets OMP_NUM_THREADS=1)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", denv.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    init_distributed(denv, device)
-    try:
-        metrics = _run(params, ctx, tracker, device)
-    except BaseException:
-        shutdown(barrier=False)
-        raise
-    shutdown()
-    return metrics
-
-
-def _run(params: dict, ctx, tracker, device) -> dict:
+@distributed_stage("pretrain.device")
+def run(params: dict, ctx, tracker, device) -> dict:
     data, model, mask = section(params, "data"), section(params, "model"), section(params, "mask")
     optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
     objective = section(params, "objective")
@@ -234,7 +217,7 @@ def _run(params: dict, ctx, tracker, device) -> dict:
                 ema=optim.ema,
                 ipe_scale=optim.ipe_scale,
                 bf16=optim.bf16,
-            ),  # fmt: skip
+            ),
             ipe=ipe,
             batch_size=pre.batch_size,
             make_batches=make_batches,

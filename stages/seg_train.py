@@ -2,6 +2,9 @@
 
 Both use the same head, data order and schedule, so ``seg_eval`` can report how much pretraining gives.
 Outputs: models/seg/{pretrained,random_init}.pth (self-contained: ``ijepa segment`` needs nothing else).
+
+Distributed: under ``torchrun --nproc_per_node N -m stages.seg_train`` (or ``make stage-slurm
+STAGE=seg_train``) both heads train with DDP, ``seg_train.batch_size`` per rank; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from pathlib import Path
 import torch
 
 from ijepa.checkpoint import load_encoder
-from ijepa.device import pick_device
 from ijepa.models.vit import VisionTransformer
 from ijepa.seg.data import SegDataset, load_class_config
 from ijepa.seg.model import SegmentationModel
 from ijepa.seg.train import SegPreprocess, SegTrainSpec, save_segmenter, train_segmentation
+from pipeline.distributed import distributed_stage
 from pipeline.outputs import plot_series, write_json
 from pipeline.params import ParamError, section
 from pipeline.stage import main
@@ -42,9 +45,9 @@ def build_models(p, encoder: VisionTransformer, num_classes: int, seed: int) -> 
     return models
 
 
-def run(params: dict, ctx, tracker) -> dict:
+@distributed_stage("seg_train.device")
+def run(params: dict, ctx, tracker, device) -> dict:
     d, p, seed = section(params, "seg_data"), section(params, "seg_train"), section(params, "seed")
-    device = pick_device(p.device)
     encoder = load_encoder(ctx.root / p.checkpoint, which=p.which)
     if d.height % encoder.patch_size or d.width % encoder.patch_size:
         raise ParamError(
@@ -72,16 +75,21 @@ def run(params: dict, ctx, tracker) -> dict:
             spec,
             device,
             seed=seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
             desc=f"seg_train {name}",
             on_step=lambda r, name=name: tracker.log_metrics({f"{name}_loss": r["loss"]}, step=r["step"]),
         )
-        save_segmenter(
-            ctx.root / OUT / f"{name}.pth", model.cpu(), classes, pre, encoder=name, checkpoint=p.checkpoint,
-            which=p.which, epochs=p.epochs,
-        )  # fmt: skip
+        if ctx.is_main:
+            save_segmenter(
+                ctx.root / OUT / f"{name}.pth", model.cpu(), classes, pre, encoder=name, checkpoint=p.checkpoint,
+                which=p.which, epochs=p.epochs,
+            )  # fmt: skip
         metrics[f"{name}_final_loss"] = round(history[-1]["loss"], 5)
         for r in history:
             rows.setdefault(r["epoch"], {"epoch": r["epoch"]})[f"{name}_loss"] = r["loss"]
+    if not ctx.is_main:
+        return metrics
     metrics["train_images"] = len(train_ds)
     write_json(ctx.root / "metrics/seg_train.json", metrics)
     png = plot_series(

@@ -295,7 +295,9 @@ def test_tario_reads_what_webdataset_reads_and_slices_by_seeking(tmp_path):
     ref = list(wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": url}])))
     ours = list(read_samples(url))
     assert len(ours) == len(ref) == count_samples(url) == 15
-    assert all(a == {k: b[k] for k in a} and a.keys() == b.keys() - {"__local_path__"} for a, b in zip(ours, ref))
+    assert all(
+        a == {k: b[k] for k in a} and a.keys() == b.keys() - {"__local_path__"} for a, b in zip(ours, ref, strict=True)
+    )
     assert [s["__key__"] for s in read_samples(url, 4, 7)] == [s["__key__"] for s in ref[4:7]]
     # a foreign shard: a PAX long name, a directory and upper-case extensions follow webdataset's rules
     foreign = tmp_path / "foreign.tar"

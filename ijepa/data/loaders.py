@@ -131,7 +131,8 @@ class PretrainTransform:
 
     RandomResizedCrop(crop_size, scale=crop_scale, ratio 3/4-4/3) with torchvision's sampling rule, optional
     horizontal flip, colour distortion (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 plus RandomGrayscale
-    0.2) and Gaussian blur (p 0.5, sigma 0.1-2); for finetuning, ``TimmRandAugment(rand_augment)``. Normalisation is ``Normalize``'s job, on the batch.
+    0.2) and Gaussian blur (p 0.5, sigma 0.1-2); for finetuning, ``TimmRandAugment(rand_augment)``.
+    Normalisation is ``Normalize``'s job, on the batch.
     Crop and flip draw from the ``random.Random`` handed in (seeded per worker by the loaders); colour and
     blur use the torch RNG (seeded per worker too).
     """

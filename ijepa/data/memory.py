@@ -115,12 +115,15 @@ def memory_batches(
             yield (batch, *collator.sample(batch_size, epoch * batches_per_epoch + i))
 
 
-def memory_eval_batches(split: DecodedSplit, *, batch_size: int, transform) -> Iterator[tuple]:
-    """``eval_loader``'s batches ``(images uint8 (B, S, S, 3) BGR, labels, keys)`` over every image once, in
-    order (single process)."""
-    for lo in range(0, len(split), batch_size):
-        hi = min(lo + batch_size, len(split))
-        yield build_batch(split.images[lo:hi], transform), split.labels[lo:hi], split.keys[lo:hi]
+def memory_eval_batches(
+    split: DecodedSplit, *, batch_size: int, transform, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple]:
+    """``eval_loader``'s batches ``(images uint8 (B, S, S, 3) BGR, labels, keys)`` over this rank's images
+    (``rank::world_size``: across ranks every image once), in order."""
+    mine = list(range(rank, len(split), world_size))
+    for lo in range(0, len(mine), batch_size):
+        idx = mine[lo : lo + batch_size]
+        yield build_batch([split.images[i] for i in idx], transform), split.labels[idx], [split.keys[i] for i in idx]
 
 
 def epoch_batches(

@@ -99,6 +99,21 @@ def extract_features(
     return {n: {p: torch.cat(v)[idx] for p, v in f.items()} | common for n, f in feats.items()}
 
 
+def merge_features(shares: list[dict[str, dict]]) -> dict[str, dict]:
+    """``extract_features`` results of disjoint shares of one split (one per rank) -> the result one process
+    would give: every tensor concatenated, then ordered by key."""
+    if len(shares) == 1:
+        return shares[0]
+    keys = [k for s in shares for k in next(iter(s.values()))["keys"]]
+    idx = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))
+    merged = {}
+    for name in shares[0]:
+        merged[name] = {p: torch.cat([s[name][p] for s in shares])[idx] for p in shares[0][name] if p != "keys"} | {
+            "keys": [keys[i] for i in idx.tolist()]
+        }
+    return merged
+
+
 def save_features(path: str | Path, features: dict, **meta) -> None:
     """Atomically save a features dict plus metadata (weights-only loadable)."""
     atomic_save({**features, "meta": meta}, path)

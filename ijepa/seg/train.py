@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
 from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from ..device import autocast
+from ..distributed import all_reduce_mean, broadcast_buffers, ddp
 from ..models.vit import VisionTransformer
 from .data import IGNORE, SegClasses, SegDataset, collate_eval, collate_train
 from .metrics import ConfusionMatrix
@@ -52,16 +53,24 @@ def lr_at(step: int, total: int, warmup: int, spec: SegTrainSpec) -> float:
     raise ValueError(f"schedule must be 'poly' or 'cosine', got {spec.schedule!r}")
 
 
-def _loader(ds: SegDataset, batch_size: int, workers: int, train: bool, seed: int) -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(seed)
+def _loader(
+    ds: SegDataset, batch_size: int, workers: int, train: bool, seed: int, rank: int = 0, world_size: int = 1
+) -> torch.utils.data.DataLoader:
+    """Training: a seeded permutation per epoch (``set_epoch``), cut into ``world_size`` disjoint shares
+    (DistributedSampler: the union of the ranks' i-th batches is one process's i-th batch of the same size
+    times world_size). Evaluation: every image once, in order (one process)."""
+    sampler = None
+    if train:
+        sampler = torch.utils.data.DistributedSampler(
+            ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(ds) >= batch_size,
+        sampler=sampler,
+        drop_last=train and len(ds) // world_size >= batch_size,
         num_workers=workers,
         collate_fn=collate_train if train else collate_eval,
-        generator=g,
         persistent_workers=False,
     )
 
@@ -73,10 +82,16 @@ def train_segmentation(
     device: torch.device,
     *,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
     desc: str = "seg_train",
     on_step: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Cross-entropy (ignore 255), AdamW, warmup + poly/cosine per step, bf16 autocast (CUDA or CPU).
+
+    Distributed (a process group of ``world_size`` ranks): DDP (SyncBatchNorm on CUDA), each rank a disjoint
+    ``spec.batch_size`` share of every global batch, the logged loss averaged over ranks; ``model`` itself
+    (unwrapped) holds the trained weights on every rank.
 
     Returns:
         per-epoch {"epoch", "loss", "lr"} (the final weights are what is kept: no selection on validation).
@@ -89,14 +104,16 @@ def train_segmentation(
     if enc:
         groups.append({"params": enc, "lr_scale": spec.encoder_lr_scale})
     opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
-    loader = _loader(train_ds, spec.batch_size, spec.num_workers, True, seed)
+    net = ddp(model, device) if world_size > 1 else model
+    loader = _loader(train_ds, spec.batch_size, spec.num_workers, True, seed, rank, world_size)
     if len(loader) == 0:
         raise ValueError(f"segmentation training set has {len(train_ds)} images: fewer than one batch")
     total, warmup = spec.epochs * len(loader), round(spec.warmup_epochs * len(loader))
     norm, step, history = Normalize(), 0, []
-    bar = tqdm(total=total, desc=desc, mininterval=5)
+    bar = tqdm(total=total, desc=desc, mininterval=5, disable=rank != 0)
     for epoch in range(spec.epochs):
         train_ds.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         running, n = 0.0, 0
         for imgs, masks in loader:
             lr = lr_at(step, total, warmup, spec)
@@ -104,14 +121,14 @@ def train_segmentation(
                 g["lr"] = lr * g["lr_scale"]
             x, y = norm(imgs, device), masks.to(device)
             with autocast(device, spec.bf16):
-                logits = model(x)
+                logits = net(x)
             loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {float(loss)} at step {step}")
+            value = float(all_reduce_mean(loss.detach()))  # the same on every rank: all stop together
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{desc}: loss is {value} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            value = loss.item()
             running, n, step = running + value, n + 1, step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{value:.3f}", epoch=epoch, refresh=False)
@@ -119,6 +136,7 @@ def train_segmentation(
                 on_step({"step": step, "epoch": epoch, "loss": value, "lr": lr})
         history.append({"epoch": epoch + 1, "loss": running / max(n, 1), "lr": lr})
     bar.close()
+    broadcast_buffers(model)
     return history
 
 
