@@ -12,9 +12,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UI_PORT ?= 5000
 SEEDS ?= 0 1 2
 OBJECTIVE ?= ijepa
+STAGE ?= pretrain
 PREFIX ?= seeds
 
-.PHONY: help setup repro seeds seed-table monitor-collapse params test test-fast lint format bench ui clean pretrain-slurm slurm-up slurm-down
+.PHONY: help setup repro seeds seed-table monitor-collapse params test test-fast lint format bench ui clean pretrain-slurm stage-slurm bench-gpu slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}' | sed 's/$$(UI_PORT)/$(UI_PORT)/'
@@ -41,7 +42,10 @@ seed-table: $(STAMP) ## print the seed table of the experiments `make seeds` ran
 	$(PY) scripts/seed_table.py --prefix $(PREFIX)
 
 pretrain-slurm: $(STAMP) ## submit pretraining to SLURM via submitit (ARGS="launcher.nodes=2 launcher.partition=gpu --wait"), then `dvc commit pretrain`
-	$(PY) -m pipeline.launch launcher=slurm $(ARGS)
+	$(PY) -m pipeline.launch --stage pretrain launcher=slurm $(ARGS)
+
+stage-slurm: $(STAMP) ## submit STAGE=pretrain|finetune|extract|seg_train to SLURM via submitit (ARGS as pretrain-slurm), then `dvc commit <stage>`
+	$(PY) -m pipeline.launch --stage $(STAGE) launcher=slurm $(ARGS)
 
 slurm-up: ## (root) install and start a one-node SLURM on localhost to try `make pretrain-slurm`
 	bash scripts/local_slurm.sh start
@@ -75,6 +79,10 @@ bench: $(STAMP) ## run the benchmarks (medians printed; numbers quoted in README
 	$(PY) benchmarks/bench_demo_loading.py
 	$(PY) benchmarks/bench_monitor.py
 	$(PY) benchmarks/bench_data.py
+
+bench-gpu: $(STAMP) ## the GPU pretraining step (vit_base/16, vit_huge/14 at 224, bf16, compile) and the GPU tests; says so without CUDA
+	$(PY) benchmarks/bench_gpu.py
+	$(PY) -m pytest -q -m gpu
 
 clean: ## remove caches (keeps .venv, data and mlflow.db)
 	rm -rf .pytest_cache .ruff_cache

@@ -1,20 +1,23 @@
-"""Submit the pretrain stage to SLURM (or to local processes) through submitit: ``make pretrain-slurm``.
+"""Submit a stage to SLURM (or to local processes) through submitit: ``make stage-slurm STAGE=...``.
 
-    python -m pipeline.launch [launcher=slurm] [launcher.KEY=VALUE ...] [--wait]
+    python -m pipeline.launch [--stage pretrain|finetune|extract|seg_train] [launcher=slurm]
+                              [launcher.KEY=VALUE ...] [--wait]
 
-Training params come from params.yaml, exactly as ``dvc repro`` would use them, so that ``dvc commit pretrain``
+Stage params come from params.yaml, exactly as ``dvc repro`` would use them, so that ``dvc commit <stage>``
 can record the outputs afterwards; only the ``launcher`` section may be changed here (a group choice like
 ``launcher=slurm`` loads ``params/launcher/slurm.yaml``; ``launcher.nodes=2`` sets one key).
 
-Every task runs ``PretrainJob``: it exports the torch.distributed variables from the SLURM environment, runs
-the pretrain stage (DDP, rank 0 writes), and on SLURM's warning signal (USR2, ``signal_delay_s`` before the
-time limit, or on preemption) stops at the next step boundary, saves, and requeues itself; the requeued job
-resumes from that checkpoint, mid-epoch included, exactly as if it had not stopped.
+Every task runs ``StageJob``: it exports the torch.distributed variables from the SLURM environment and runs
+the stage (DDP, rank 0 writes). Pretraining also handles SLURM's warning signal (USR2, ``signal_delay_s``
+before the time limit, or on preemption): it stops at the next step boundary, saves, and requeues itself;
+the requeued job resumes from that checkpoint, mid-epoch included, exactly as if it had not stopped. The
+other stages keep no mid-run state: on the signal submitit requeues them and they start again.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -26,21 +29,33 @@ from .params import LauncherParams, load_params, section
 from .schema import ParamError
 from .stage import run_stage
 
+STAGES = ("pretrain", "finetune", "extract", "seg_train")  # the stages that run on several processes
 
-class PretrainJob(submitit.helpers.Checkpointable):
-    """One task of the pretraining job (pickled by submitit; resubmitted as is on requeue)."""
 
-    def __init__(self, root: str, params: dict):
-        self.root, self.params = str(root), params
+def stage_module(stage: str):
+    """The stage module itself, not a copy of it: the same code path as `dvc repro`."""
+    if stage not in STAGES:
+        raise ParamError(f"--stage {stage}: only {', '.join(STAGES)} run distributed")
+    return importlib.import_module(f"stages.{stage}")
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """One task of a stage's job (pickled by submitit; resubmitted as is on requeue)."""
+
+    def __init__(self, root: str, params: dict, stage: str = "pretrain"):
+        self.root, self.params, self.stage = str(root), params, stage
 
     def __call__(self) -> dict | None:
-        from stages import pretrain  # the stage module, not a copy of it: the same code path as `dvc repro`
-
+        module = stage_module(self.stage)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        preemption.install()
+        if self.stage == "pretrain":
+            preemption.install()  # stop at a step boundary and save; others keep submitit's requeue
         env = submitit.JobEnvironment()
-        print(f"launch: task {env.global_rank}/{env.num_tasks} of job {env.job_id} on {env.hostname}", flush=True)
-        metrics = run_stage("pretrain", pretrain.run, pretrain.SECTIONS, root=self.root, params=self.params)
+        print(
+            f"launch: {self.stage} task {env.global_rank}/{env.num_tasks} of job {env.job_id} on {env.hostname}",
+            flush=True,
+        )
+        metrics = run_stage(self.stage, module.run, module.SECTIONS, root=self.root, params=self.params)
         if metrics.get("stopped"):
             if env.global_rank == 0:
                 preemption.hand_over()  # submitit: calls checkpoint(), requeues, exits
@@ -48,11 +63,11 @@ class PretrainJob(submitit.helpers.Checkpointable):
         return metrics
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        # The training state is already on disk (saved at the step boundary): resubmit the same job.
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.root, self.params))
+        # Pretraining's state is already on disk (saved at the step boundary): resubmit the same job.
+        return submitit.helpers.DelayedSubmission(StageJob(self.root, self.params, self.stage))
 
 
-def make_executor(launcher: LauncherParams, folder: str | Path) -> submitit.Executor:
+def make_executor(launcher: LauncherParams, folder: str | Path, stage: str = "pretrain") -> submitit.Executor:
     """A submitit executor for ``launcher.kind`` ("slurm", or "local" processes on this machine)."""
     common = dict(
         nodes=launcher.nodes,
@@ -64,7 +79,7 @@ def make_executor(launcher: LauncherParams, folder: str | Path) -> submitit.Exec
         ex = submitit.AutoExecutor(folder, cluster="slurm", slurm_max_num_timeout=launcher.max_requeues)
         extra = {k: v for k, v in (("slurm_partition", launcher.partition), ("slurm_account", launcher.account)) if v}
         ex.update_parameters(
-            name="ijepa-pretrain",
+            name=f"ijepa-{stage}",
             cpus_per_task=launcher.cpus_per_task,
             mem_gb=launcher.mem_gb,
             slurm_signal_delay_s=launcher.signal_delay_s,
@@ -79,9 +94,9 @@ def make_executor(launcher: LauncherParams, folder: str | Path) -> submitit.Exec
     return ex
 
 
-def submit_pretrain(executor: submitit.Executor, root: str | Path, params: dict) -> submitit.Job:
-    """Submit the pretrain stage of the project at ``root`` with these (validated) params."""
-    return executor.submit(PretrainJob(str(Path(root).resolve()), params))
+def submit_stage(executor: submitit.Executor, root: str | Path, params: dict, stage: str = "pretrain") -> submitit.Job:
+    """Submit a stage of the project at ``root`` with these (validated) params."""
+    return executor.submit(StageJob(str(Path(root).resolve()), params, stage))
 
 
 def apply_overrides(params: dict, overrides: list[str], groups_dir: Path) -> dict:
@@ -111,6 +126,7 @@ def apply_overrides(params: dict, overrides: list[str], groups_dir: Path) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="launcher=slurm, launcher.nodes=2, ...")
+    ap.add_argument("--stage", default="pretrain", help=f"the stage to run: {', '.join(STAGES)}")
     ap.add_argument("--root", default=".", help="project root (params.yaml, data/shards, outputs)")
     ap.add_argument("--wait", action="store_true", help="block until the job ends and print its metrics")
     args = ap.parse_args(argv)
@@ -118,28 +134,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = apply_overrides(load_params(root / "params.yaml"), args.overrides, root / "params")
         launcher = section(params, "launcher")
-        from stages import pretrain
-
-        for s in pretrain.SECTIONS:  # fail here, not in the queue hours later
+        module = stage_module(args.stage)
+        for s in module.SECTIONS:  # fail here, not in the queue hours later
             section(params, s)
         folder = root / launcher.folder / "%j"
-        executor = make_executor(launcher, folder)
+        executor = make_executor(launcher, folder, args.stage)
     except ParamError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2
-    job = submit_pretrain(executor, root, params)
+    job = submit_stage(executor, root, params, args.stage)
     world = launcher.nodes * launcher.tasks_per_node
+    batch = params.get(args.stage, {}).get("batch_size")
     print(
-        f"launch: submitted pretrain job {job.job_id} ({launcher.kind}, {launcher.nodes} node(s) x "
-        f"{launcher.tasks_per_node} task(s) = world size {world}; effective batch "
-        f"{params['pretrain']['batch_size']} x {world}); logs in {str(folder).replace('%j', str(job.job_id))}"
+        f"launch: submitted {args.stage} job {job.job_id} ({launcher.kind}, {launcher.nodes} node(s) x "
+        f"{launcher.tasks_per_node} task(s) = world size {world}"
+        + (f"; effective batch {batch} x {world}" if batch else "")
+        + f"); logs in {str(folder).replace('%j', str(job.job_id))}"
     )
     if not args.wait:
-        print("launch: when it has finished, record its outputs with `dvc commit pretrain`")
+        print(f"launch: when it has finished, record its outputs with `dvc commit {args.stage}`")
         return 0
     results = job.results()
     print(f"launch: job {job.job_id} finished: {results[0]}")
-    print("launch: record its outputs with `dvc commit pretrain`")
+    print(f"launch: record its outputs with `dvc commit {args.stage}`")
     return 0
 
 

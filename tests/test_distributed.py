@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from ijepa.checkpoint import load_checkpoint_meta, read_checkpoint
+from ijepa.device import pick_device
 from ijepa.distributed import DistEnv, all_reduce_mean, env_from_os, init_distributed, shutdown, wrap_ddp
 from ijepa.pretrain import OptimSpec, pretrain
 from pipeline import launch
@@ -53,8 +54,8 @@ def _shared_batches(rank: int, world: int):
     return make
 
 
-def _train(rank: int, world: int, out: Path) -> list[float]:
-    device = torch.device("cpu")
+def _train(rank: int, world: int, out: Path, device: torch.device | None = None) -> list[float]:
+    device = device or torch.device("cpu")
     losses: list[float] = []
     pretrain(
         model=TINY,
@@ -73,12 +74,13 @@ def _train(rank: int, world: int, out: Path) -> list[float]:
     return losses
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, cuda: bool = False) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     os.environ |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
     env = env_from_os()
-    init_distributed(env, torch.device("cpu"))
-    losses = _train(rank, world, Path(out))
+    device = pick_device("cuda", rank) if cuda else torch.device("cpu")
+    init_distributed(env, device)  # NCCL on CUDA, gloo on the CPU
+    losses = _train(rank, world, Path(out), device)
     Path(out, f"losses-{rank}.json").write_text(json.dumps(losses))
     shutdown()
 
@@ -96,6 +98,19 @@ def test_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_path):
     for key in ("encoder", "predictor", "target_encoder"):
         for name, t in b[key].items():
             torch.testing.assert_close(a[key][name], t, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_nccl_ranks_equal_one_gpu_over_the_combined_batch(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), True), nprocs=2, join=True)
+    single = _train(0, 1, tmp_path / "single", pick_device("cuda", 0))
+    ddp = json.loads((tmp_path / "ddp/losses-0.json").read_text())
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-3, atol=1e-4)
+    a = read_checkpoint(tmp_path / "ddp/jepa-latest.pth.tar")
+    b = read_checkpoint(tmp_path / "single/jepa-latest.pth.tar")
+    for name, t in b["target_encoder"].items():
+        torch.testing.assert_close(a["target_encoder"][name], t, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_stop_mid_epoch_then_resume_is_exact(tmp_path):
@@ -222,11 +237,11 @@ def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path, in_memory
 
     ex = launch.make_executor(lp, tmp_path / "logs-ref")
     ex.update_parameters(timeout_min=30)
-    ref = launch.submit_pretrain(ex, ref_root, ref_params).results()
+    ref = launch.submit_stage(ex, ref_root, ref_params).results()
 
     ex = launch.make_executor(lp, tmp_path / "logs-cut")
     ex.update_parameters(timeout_min=0.5, signal_delay_s=20)  # the local controller sends USR2 at 10 s
-    job = launch.submit_pretrain(ex, root, params)
+    job = launch.submit_stage(ex, root, params)
     results = job.results()
     log = "".join(p.read_text() for p in (tmp_path / "logs-cut").glob("*_0_log.*"))
     assert "Calling checkpoint method" in log and "Requeued job" in log, log[-3000:]

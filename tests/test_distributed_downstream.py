@@ -1,9 +1,10 @@
 """Distributed downstream stages on real 2-process gloo: finetune (DDP) equals one process over the combined
 batch, segmentation heads train in step on both ranks over disjoint shares, extraction across ranks writes
-the features one process writes, and the finetune stage runs end to end under two ranks."""
+the features one process writes, and the finetune stage runs end to end as two submitit tasks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,8 +21,10 @@ from ijepa.models.vit import VisionTransformer
 from ijepa.seg.data import SegDataset
 from ijepa.seg.model import SegmentationModel
 from ijepa.seg.train import SegTrainSpec, _loader, train_segmentation
+from pipeline import launch
+from pipeline.params import section
 from pipeline.stage import run_stage
-from stages import extract, finetune
+from stages import extract
 from stages import pretrain as pretrain_stage
 
 from .test_distributed import _free_port, _project
@@ -142,7 +145,7 @@ def test_seg_training_two_gloo_ranks_stay_in_step(tmp_path):
 def _stage_worker(rank: int, world: int, port: int, root: str, stage: str) -> None:
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     os.environ |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
-    module = {"extract": extract, "finetune": finetune}[stage]
+    module = {"extract": extract}[stage]
     params = json.loads(Path(root, "params.json").read_text())
     run_stage(stage, module.run, module.SECTIONS, root=root, params=params)
 
@@ -166,7 +169,10 @@ def test_extract_and_finetune_stages_under_two_ranks(tmp_path):
                     torch.testing.assert_close(two[split][k], t, rtol=1e-4, atol=1e-4, msg=f"{name} {split} {k}")
     assert json.loads((root / "metrics/extract.json").read_text())["train_samples"] == 180
 
-    mp.spawn(_stage_worker, args=(2, _free_port(), str(root), "finetune"), nprocs=2, join=True)
+    # finetune through the submitit launcher (`make stage-slurm STAGE=finetune`), 2 local tasks
+    lp = dataclasses.replace(section(params, "launcher"), kind="local", tasks_per_node=2)
+    job = launch.submit_stage(launch.make_executor(lp, tmp_path / "logs", "finetune"), root, params, "finetune")
+    assert job.results()[0]["world_size"] == 2
     metrics = json.loads((root / "metrics/finetune.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 180 // 16 and 0 <= metrics["top1"] <= 1
     clf, names, _ = load_classifier(root / "models/finetune/classifier.pth")
