@@ -10,7 +10,8 @@ flip, normalise):
     consuming process and once left as uint8 (the trainer normalises on its device);
   - raw JPEG decoding alone with the loader's ``decode_array`` (and with ``cv2.imdecode``), no transform,
     as the ceiling.
-The shard loader and the raw decode are also timed with 1, 2 and 4 processes (worker scaling).
+The shard loader and the raw decode are also timed with 1, 2 and 4 processes (worker scaling), and reading
+the shards' samples without decoding with webdataset's tar reader and with ``ijepa.data.tario``.
 Prints images/s (median over epochs) and the ratios.
 
     python benchmarks/bench_data.py [--images 3000] [--epochs 3]
@@ -29,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets
@@ -37,6 +39,7 @@ from torchvision.transforms import v2
 from ijepa.data import find_fashion_mnist, prepare_image_folder, pretrain_loader, pretrain_transform
 from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, decode_array
 from ijepa.data.sources import read_fashion_mnist
+from ijepa.data.tario import tar_samples
 
 SIZE, CROP, BATCH, WORKERS = (384, 288), 224, 64, 2  # (width, height): ImageNet-like 4:3
 SCALING = (1, 2, 4)  # worker processes for the scaling table
@@ -80,6 +83,17 @@ def _cv2_decode(data: bytes) -> np.ndarray:
 def _decode_file(path: str, decode) -> int:
     cv2.setNumThreads(1)
     return decode(Path(path).read_bytes()).shape[0]
+
+
+def parse_us(samples, n: int, repeats: int = 3) -> float:
+    """Microseconds per sample to read every sample of the shards (no decode), median of ``repeats``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        count = sum(1 for _ in samples())
+        times.append((time.perf_counter() - t0) / count * 1e6)
+        assert count == n
+    return statistics.median(times)
 
 
 def decode_rate(files: list[str], decode, processes: int, epochs: int) -> float:
@@ -147,12 +161,20 @@ def main() -> None:
         r_u8 = {w: statistics.median(rate(loader, 1) for loader in shard_epochs(w)) for w in SCALING}
         r_decode = {w: decode_rate(files, decode_array, w, args.epochs) for w in SCALING}
         r_cv2 = decode_rate(files, _cv2_decode, WORKERS, args.epochs)
+        tar_us = {
+            "webdataset.tarfile_to_samples (Python tarfile)": parse_us(
+                lambda: wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls])), n
+            ),
+            "ijepa.data.tario (headers parsed directly)": parse_us(lambda: tar_samples({"url": u} for u in urls), n),
+        }
 
     print(f"torchvision ImageFolder (PIL)       {r_folder:8.0f} images/s")
     print(f"ijepa shards (WebDataset, cv2)      {r_shards:8.0f} images/s")
     print(f"  same, uint8 batches, normalisation left to the trainer's device  {r_u8[WORKERS]:8.0f} images/s")
     print(f"raw JPEG decode only (the loader's decode_array)  {r_decode[WORKERS]:8.0f} images/s")
     print(f"raw JPEG decode only (cv2.imdecode)               {r_cv2:8.0f} images/s")
+    for name, us in tar_us.items():
+        print(f"tar parsing alone, {name:<48} {us:6.1f} us per sample")
     print("workers  shards uint8  raw decode  ratio")
     for w in SCALING:
         print(f"{w:7d}  {r_u8[w]:12.0f}  {r_decode[w]:10.0f}  {100 * r_u8[w] / r_decode[w]:4.0f}%")

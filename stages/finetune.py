@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_encoder
@@ -40,6 +41,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
     encoder = with_drop_path(load_encoder(ctx.root / p.checkpoint, which=p.which), p.drop_path)
     manifest = read_manifest(ctx.root / SHARDS)
     model = Classifier(encoder, len(manifest["classes"])).to(device)
+    if ctx.world_size > 1:  # DDP starts every rank from rank 0's weights; augmentation and drop path then
+        torch.manual_seed(seed + 1_000_003 * ctx.rank)  # draw differently on each rank (rank 0 as one process)
     crop = encoder.img_size[0]
     pre = Preprocess(crop, p.resize_size or crop)
     spec = FinetuneSpec(
