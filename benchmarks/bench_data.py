@@ -169,7 +169,7 @@ def main() -> None:
         }
 
     print(f"torchvision ImageFolder (PIL)       {r_folder:8.0f} images/s")
-    print(f"ijepa shards (WebDataset, cv2)      {r_shards:8.0f} images/s")
+    print(f"ijepa shards (tario, simplejpeg)    {r_shards:8.0f} images/s")
     print(f"  same, uint8 batches, normalisation left to the trainer's device  {r_u8[WORKERS]:8.0f} images/s")
     print(f"raw JPEG decode only (the loader's decode_array)  {r_decode[WORKERS]:8.0f} images/s")
     print(f"raw JPEG decode only (cv2.imdecode)               {r_cv2:8.0f} images/s")

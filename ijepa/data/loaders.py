@@ -55,9 +55,9 @@ def _worker() -> tuple[int, int]:
 def decode_array(data: bytes, where: str = "sample") -> np.ndarray:
     """JPEG/PNG bytes -> (H, W, 3) uint8 array in OpenCV's BGR order (grey replicated to 3 channels).
 
-    JPEGs go through simplejpeg (libjpeg-turbo's TurboJPEG API, straight into BGR: about 25% faster than
-    ``cv2.imdecode`` on ImageNet-sized images, ``benchmarks/bench_data.py``); anything it refuses, and PNGs,
-    through OpenCV."""
+    JPEGs go through simplejpeg (libjpeg-turbo's TurboJPEG API, straight into BGR: about 12% faster than
+    ``cv2.imdecode`` on 384x288 JPEGs, ``benchmarks/bench_data.py``); anything it refuses, and PNGs, through
+    OpenCV."""
     if data[:2] == b"\xff\xd8":
         try:
             return simplejpeg.decode_jpeg(data, colorspace="BGR")
