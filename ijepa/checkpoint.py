@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
 from .models.pos_embed import square_grid
 from .models.registry import list_models, preset
 from .models.vit import VisionTransformer
@@ -30,7 +32,7 @@ _PREFIXES = ("module.", "_orig_mod.", "backbone.")
 MODEL_KEYS = ("encoder", "predictor", "target_encoder")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model; the message names file and keys."""
 
 
@@ -53,26 +55,48 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint dict on the CPU with ``weights_only=True``.
+def read_checkpoint(path: str | Path, *, what: str = "checkpoint", keys: tuple[str, ...] = ()) -> dict:
+    """Load a torch file (checkpoint, features, search index) on the CPU with ``weights_only=True``.
 
+    Every loader of the project goes through here. It tells apart a file that is not a torch file (or is
+    corrupt or truncated) from one that needs arbitrary unpickling (it names the Python globals the file
+    asks for); it never suggests ``weights_only=False``, which would let a file run code.
+
+    Args:
+        what: what the file should be, for messages ("search index", "features file").
+        keys: entries the file must hold; a file without them is refused with the keys it does hold.
     Raises:
-        CheckpointError: missing file, not a torch file, or one that needs arbitrary unpickling.
+        CheckpointError: missing, unreadable, corrupt, unsafe, not a dict, or lacking ``keys``.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    corrupt = f"{path} is not a torch {what}, or it is corrupt or truncated"
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK") or magic[:1] == b"\x80"):  # a zip archive, or a legacy pickle (PROTO)
+        raise CheckpointError(f"{corrupt} (it starts with {magic!r})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        if not found:  # e.g. "Unsupported operand": bytes that are no pickle torch wrote
+            raise CheckpointError(f"{corrupt} (unpickling failed)") from None
         raise CheckpointError(
-            f"{path} cannot be loaded with weights_only=True (it needs arbitrary unpickling, which can run "
-            f"code); refusing it. Convert it to plain tensors first. Detail: {str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+            f"{path} is refused: loading it needs arbitrary unpickling (it asks for {', '.join(found)}), which can "
+            "run code. Only files of tensors and plain Python values are read; re-save the state dicts as tensors "
+            "(for instance with safetensors) from code you trust."
+        ) from None
+    # What torch's readers raise on bytes that are not a torch file (a text file reaches the legacy unpickler,
+    # whose memo lookups fail with KeyError/IndexError), or on a truncated archive.
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as e:
+        raise CheckpointError(f"{corrupt} ({type(e).__name__})") from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of state dicts")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a {what} (a dict)")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        have = ", ".join(sorted(map(str, obj))[:8]) or "nothing"
+        raise CheckpointError(f"{path} is not a {what}: it lacks {', '.join(missing)} (it holds {have})")
     return dict(obj)
 
 

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checkpoint import META_KEY, MODEL_KEYS, CheckpointError, build_from_checkpoint
+from .checkpoint import META_KEY, MODEL_KEYS, build_from_checkpoint
+from .errors import USER_FACING, report
 from .models.registry import list_models, preset
-from .seg.data import SegDataError
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -43,8 +43,11 @@ def _models(_: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     import csv
 
+    from .images import refuse_inside
     from .inference import annotate, classify_folder
 
+    if args.annotate:
+        refuse_inside(args.annotate, args.input, "--annotate")
     rows, _ = classify_folder(args.checkpoint, args.input, batch_size=args.batch_size, device=args.device)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -67,15 +70,17 @@ def _search(args: argparse.Namespace) -> int:
     from .eval.features import pooled_features
     from .eval.search import SearchIndex
     from .finetune import Preprocess
-    from .inference import preprocess_batch, read_bgr
+    from .images import read_bgr
+    from .inference import preprocess_batch
 
+    query = Path(args.query)
+    if not query.is_file():
+        raise FileNotFoundError(f"--query {query} is not a file")
+    arr = read_bgr(query)  # checked before the index and the encoder are loaded
     index = SearchIndex.load(args.index)
     meta = index.meta
     device = pick_device(args.device)
     encoder = load_encoder(args.checkpoint or meta["checkpoint"], which=meta["which"]).to(device)
-    arr = read_bgr(Path(args.query)) if Path(args.query).is_file() else None
-    if arr is None:
-        raise FileNotFoundError(f"query {args.query} is not a readable image file")
     with torch.no_grad():
         x = preprocess_batch([arr], Preprocess(meta["crop_size"], meta["resize_size"]), device)
         q = pooled_features(encoder, x)[meta["pooling"]]
@@ -95,8 +100,8 @@ def _segment(args: argparse.Namespace) -> int:
 
     res = segment_folder(args.checkpoint, args.input, args.output, batch_size=args.batch_size, device=args.device)
     print(f"ijepa segment: {res['images']} images -> {res['output']} (<name>_mask.png, <name>_overlay.png)")
-    for path in res["skipped"]:
-        print(f"ijepa segment: skipped unreadable {path}", file=sys.stderr)
+    for reason in res["skipped"]:
+        print(f"ijepa segment: skipped {reason}", file=sys.stderr)
     return 0
 
 
@@ -112,12 +117,23 @@ def _segment_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (``--k``, ``--batch-size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ijepa", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="print a checkpoint's format, architecture and step")
     p.add_argument("checkpoint", help="a .pth.tar file (ours or an official release)")
-    p.add_argument("--num-heads", type=int, default=None, help="only for files of a non-preset width")
+    p.add_argument("--num-heads", type=_positive, default=None, help="only for files of a non-preset width")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("models", help="list the encoder presets")
     p.set_defaults(func=_models)
@@ -126,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder of images (searched recursively)")
     p.add_argument("--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     p.add_argument("--annotate", default=None, help="also write annotated copies of the images into this folder")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive, default=64)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=_classify)
     p = sub.add_parser("search", help="find the gallery images most similar to a query image")
     p.add_argument("--index", default="models/search/index.pt", help="index written by the search stage")
     p.add_argument("--query", required=True, help="an image file")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--k", type=_positive, default=5, help="how many neighbours (>= 1)")
     p.add_argument("--checkpoint", default=None, help="override the encoder checkpoint recorded in the index")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=_search)
@@ -140,14 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="models/seg/pretrained.pth (from the seg_train stage)")
     p.add_argument("--input", required=True, help="folder of images (searched recursively)")
     p.add_argument("--output", default="segmentations", help="folder to write (default: segmentations)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=_segment)
     p = sub.add_parser("segment-video", help="segment every frame of a video -> overlay video (headless)")
     p.add_argument("--checkpoint", required=True, help="models/seg/pretrained.pth (from the seg_train stage)")
     p.add_argument("--input", required=True, help="a video file OpenCV can read")
     p.add_argument("--output", default=None, help="output .mp4 (default: <input>_seg.mp4 beside the input)")
-    p.add_argument("--batch-size", type=int, default=16, help="frames per forward pass")
+    p.add_argument("--batch-size", type=_positive, default=16, help="frames per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=_segment_video)
     return parser
@@ -158,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, SegDataError) as e:
-        print(f"ijepa: error: {e}", file=sys.stderr)
+    except USER_FACING as e:  # a user error: one line naming the file or argument; anything else is a bug
+        report(f"ijepa {args.command}", e)
         return 2
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import DeviceError, UsageError
+
 _KINDS = ("auto", "cuda", "mps", "cpu")
 
 
@@ -17,17 +19,20 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
         torch.device; an explicit request that cannot be met is an error, never a silent fallback.
     """
     if preference not in _KINDS:
-        raise ValueError(f"device must be one of {_KINDS}, got {preference!r}")
+        raise UsageError(f"device must be one of {_KINDS}, got {preference!r}")
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if preference == "cuda":
-        raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False")
+        raise DeviceError(
+            "device 'cuda' was requested but this machine has no usable CUDA GPU "
+            "(torch.cuda.is_available() is False); use auto or cpu"
+        )
     mps = getattr(torch.backends, "mps", None)
     if preference in ("auto", "mps") and mps is not None and mps.is_available():
         return torch.device("mps")
     if preference == "mps":
-        raise RuntimeError("device 'mps' was requested but MPS is not available")
+        raise DeviceError("device 'mps' was requested but MPS is not available on this machine; use auto or cpu")
     return torch.device("cpu")
 
 

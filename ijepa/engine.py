@@ -10,14 +10,16 @@ from dataclasses import dataclass
 import torch
 
 from .device import autocast
+from .errors import UserError
 from .jepa import JEPA
 from .schedules import Schedules
 
 Batch = tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; raised before the optimizer step, so no weights were touched."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became NaN or Inf; raised before the optimizer step, so no weights were touched (user-facing: the
+    params diverged)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError, atomic_save, load_state_strict, read_ch
 from .data.loaders import random_erasing
 from .device import autocast
 from .distributed import all_reduce_mean, all_reduce_sum, unwrap
+from .engine import NonFiniteLossError
 from .models.vit import VisionTransformer
 
 CLASSIFIER_FORMAT = "ijepa-classifier"
@@ -316,7 +317,7 @@ def train_classifier(
             losses.append(float(all_reduce_mean(torch.tensor([loss], device=device))[0]))
             micro = []
             if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"finetuning loss is {losses[-1]} at step {step}")
+                raise NonFiniteLossError(f"finetuning loss is {losses[-1]} at step {step}; lower finetune.lr")
             if ema is not None:
                 update_ema(ema, core, spec.ema_decay)
             step += 1

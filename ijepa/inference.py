@@ -11,26 +11,10 @@ import numpy as np
 import torch
 
 from .data.loaders import EvalTransform, Normalize, build_batch
-from .data.sources import IMAGE_EXTENSIONS
 from .device import pick_device
+from .errors import ImageReadError
 from .finetune import Preprocess, load_classifier
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted); an error if the folder is missing or has none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"input folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
-    return files
-
-
-def read_bgr(path: Path) -> np.ndarray | None:
-    """A file as (H, W, 3) BGR uint8 (grey replicated), or None when OpenCV cannot decode it."""
-    data = np.fromfile(path, np.uint8)
-    return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+from .images import list_images, read_bgr
 
 
 def preprocess_batch(arrays: Sequence[np.ndarray], pre: Preprocess, device: torch.device) -> torch.Tensor:
@@ -57,7 +41,7 @@ def classify_folder(
     def flush():
         if not pending:
             return
-        logits = model(preprocess_batch([a for _, a in pending], pre, dev)).float()
+        logits = model(Normalize(pre.mean, pre.std)(torch.stack([a for _, a in pending]), dev)).float()
         probs = logits.softmax(dim=1).cpu()
         top_p, top_i = probs.topk(min(topk, probs.shape[1]), dim=1)
         for (path, _), ps, ids in zip(pending, top_p, top_i, strict=True):
@@ -72,15 +56,18 @@ def classify_folder(
             )
         pending.clear()
 
+    transform = EvalTransform(pre.crop_size, pre.resize_size)
     for path in list_images(folder):
-        arr = read_bgr(path)
-        if arr is None:
-            print(f"ijepa classify: skipping {path}: not a decodable image", file=sys.stderr)
-            rows.append(
-                {"path": str(path), "status": "not a decodable image", "prediction": "", "probability": "", "topk": ""}
-            )
+        try:
+            arr = read_bgr(path)
+        except ImageReadError as e:  # listed in the CSV and on stderr; the other images go on
+            print(f"ijepa classify: skipping {e}", file=sys.stderr)
+            reason = str(e).removeprefix(f"{path}: ")
+            rows.append({"path": str(path), "status": reason, "prediction": "", "probability": "", "topk": ""})
             continue
-        pending.append((path, arr))
+        # Cropped at once: memory holds batch_size model inputs, never batch_size full-size images.
+        pending.append((path, build_batch([arr], transform)[0]))
+        del arr
         if len(pending) == batch_size:
             flush()
     flush()

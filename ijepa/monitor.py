@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from .device import autocast
+from .errors import UserError
 from .eval.features import pooled_features
 from .eval.knn import knn_accuracy
 from .models.vit import VisionTransformer
 
 
-class CollapseError(RuntimeError):
-    """The monitored rank fell below its floor and the run was told to stop."""
+class CollapseError(UserError, RuntimeError):
+    """The monitored rank fell below its floor and the run was told to stop (a user-facing outcome of the params)."""
 
 
 def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:

@@ -9,13 +9,16 @@ type or a value out of range. Ints are accepted where floats are expected; nothi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args, get_origin
 
+from ijepa.errors import UserError
 
-class ParamError(ValueError):
+
+class ParamError(UserError, ValueError):
     """A params problem; the message starts with the offending key."""
 
 
@@ -60,6 +63,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # YAML's .inf/.nan pass every range check that compares with them
+            raise ParamError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -7,13 +7,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ijepa.engine import NonFiniteLossError
-from ijepa.monitor import CollapseError
+from ijepa.errors import USER_FACING, report
 
 from .context import StageContext, seed_everything
 from .params import load_params, section
-from .schema import ParamError
-from .tracking import TrackingError, make_tracker
+from .tracking import make_tracker
 
 RunFn = Callable[[dict, StageContext, object], dict]
 
@@ -51,11 +49,11 @@ def run_stage(
 
 
 def main(name: str, run: RunFn, sections: Sequence[str]) -> None:
-    """CLI wrapper: known errors (and a training run stopped by a non-finite loss or by the collapse monitor)
-    become one clear line on stderr and exit code 2."""
+    """CLI wrapper of a stage: user errors (``ijepa.errors.USER_FACING``) become one line on stderr and exit code 2;
+    anything else keeps its traceback, since it is a bug."""
     try:
         metrics = run_stage(name, run, sections)
-    except (ParamError, TrackingError, FileNotFoundError, CollapseError, NonFiniteLossError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+    except USER_FACING as e:
+        report(name, e)
         sys.exit(2)
     print(f"{name}: done: {metrics}")

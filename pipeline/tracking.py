@@ -7,21 +7,66 @@ started from DVC's temporary queue folders keep their artifacts. ``mlflow`` is i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from ijepa.errors import UserError
 
 from .context import StageContext, params_hash
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+T = TypeVar("T")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking store cannot be used; raised before any work is done."""
+
+
+def _locked(e: BaseException) -> bool:
+    """True for sqlite's "database is locked" / "busy", however MLflow and SQLAlchemy wrap it."""
+    while e is not None:
+        text = str(e).lower()
+        if "database is locked" in text or "database is busy" in text or "database table is locked" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def retry_locked(call: Callable[[], T], what: str, *, timeout: float = 300.0, first_wait: float = 0.2) -> T:
+    """Run ``call``, retrying while the sqlite store is locked by another writer (experiments run side by side
+    share one ``mlflow.db``); waits grow to 5 s. After ``timeout`` seconds the lock error is raised as a
+    ``TrackingError``: a metric is never dropped silently."""
+    deadline, wait = time.monotonic() + timeout, first_wait
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if not _locked(e):
+                raise
+            if time.monotonic() + wait > deadline:
+                raise TrackingError(f"MLflow store stayed locked for {timeout:.0f} s while trying to {what}") from e
+            time.sleep(wait * (0.5 + random.random()))
+            wait = min(wait * 2, 5.0)
+
+
+@contextlib.contextmanager
+def _quiet_store():
+    """MLflow's store logs a full SQLAlchemy traceback before raising; the preflight reports one line instead."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tracking_uri(dvc_root: Path) -> str:
@@ -77,23 +122,37 @@ class MlflowTracker(NullTracker):
         self.run_id = None
 
     def preflight(self):
-        """Open the store and find or create the experiment; a clear error if the store is unusable."""
-        try:
-            from mlflow.tracking import MlflowClient
+        """Open the store, find or create the experiment and write to it (a tag naming this stage), so that an
+        unreachable, corrupt or read-only store is one clear error before any work is done."""
+        from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(self.uri)
+        def find_or_create(client) -> str:
             exp = client.get_experiment_by_name(self.experiment)
-            exp_id = (
-                exp.experiment_id
-                if exp is not None
-                else client.create_experiment(
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                return client.create_experiment(
                     self.experiment, artifact_location=(self.ctx.dvc_root / "mlruns").resolve().as_uri()
                 )
-            )
+            except Exception:  # a stage run side by side created it first: use theirs
+                exp = client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+                return exp.experiment_id
+
+        try:
+            with _quiet_store():
+                client = MlflowClient(self.uri)
+                exp_id = retry_locked(lambda: find_or_create(client), "open the experiment")
+                retry_locked(
+                    lambda: client.set_experiment_tag(exp_id, "ijepa.last_stage_started", self.ctx.stage),
+                    "write the preflight tag",
+                )
         except Exception as e:  # any store failure: report it with the URI, before training starts
+            reason = " ".join(str(e).split("[SQL:")[0].split())[:300]
             raise TrackingError(
-                f"MLflow tracking store {self.uri} is unreachable or unusable ({type(e).__name__}: {e}); fix it or "
-                "set MLFLOW_TRACKING_URI, or set tracking.enabled=false"
+                f"MLflow tracking store {self.uri} is unreachable, unreadable or read-only ({type(e).__name__}: "
+                f"{reason}); fix it or set MLFLOW_TRACKING_URI, or set tracking.enabled=false"
             ) from e
         return client, exp_id
 
@@ -108,14 +167,16 @@ class MlflowTracker(NullTracker):
             "git.commit": self.ctx.commit or "",
             "mlflow.source.git.commit": self.ctx.commit or "",
         }
-        run = self.client.create_run(exp_id, run_name=f"{self.group}/{self.ctx.stage}", tags=tags)
+        name = f"{self.group}/{self.ctx.stage}"
+        run = retry_locked(lambda: self.client.create_run(exp_id, run_name=name, tags=tags), "create the run")
         self.run_id = run.info.run_id
         self.log_params(flatten(self.params))
         return self
 
     def __exit__(self, exc_type, exc, tb):
         self.flush()
-        self.client.set_terminated(self.run_id, "FAILED" if exc_type is not None else "FINISHED")
+        status = "FAILED" if exc_type is not None else "FINISHED"
+        retry_locked(lambda: self.client.set_terminated(self.run_id, status), "end the run")
         return False
 
     def log_params(self, params: Mapping) -> None:
@@ -123,7 +184,8 @@ class MlflowTracker(NullTracker):
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            chunk = items[i : i + 100]
+            retry_locked(lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk), "log params")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -136,7 +198,7 @@ class MlflowTracker(NullTracker):
     def flush(self) -> None:
         while self._buffer:
             chunk, self._buffer = self._buffer[:900], self._buffer[900:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+            retry_locked(lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk), "log metrics")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -7,14 +7,21 @@ from pathlib import Path
 from ijepa.data import find_fashion_mnist, prepare_fashion_mnist, prepare_image_folder
 from pipeline.outputs import write_json
 from pipeline.params import section
+from pipeline.schema import ParamError
 from pipeline.stage import main
 
 SECTIONS = ("seed", "prepare", "tracking")
 OUT = Path("data/shards")
 
 
-def _path(root: Path, p: str | None) -> Path | None:
-    return None if p is None else (root / p if not Path(p).is_absolute() else Path(p))
+def _path(root: Path, p: str | None, key: str) -> Path | None:
+    """A source path from params, relative to the project; a missing one is an error naming its key."""
+    if p is None:
+        return None
+    path = root / p if not Path(p).is_absolute() else Path(p)
+    if not path.is_dir():
+        raise ParamError(f"{key}: {path} is not a folder (does not exist, or is a file)")
+    return path
 
 
 def run(params: dict, ctx, tracker) -> dict:
@@ -27,12 +34,12 @@ def run(params: dict, ctx, tracker) -> dict:
         workers=p.workers,
     )
     if p.source.kind == "fashion_mnist":
-        src = find_fashion_mnist(_path(ctx.root, p.source.dir), project_root=ctx.root)
+        src = find_fashion_mnist(_path(ctx.root, p.source.dir, "prepare.source.dir"), project_root=ctx.root)
         manifest = prepare_fashion_mnist(src, ctx.root / OUT, test_max_per_class=p.test_max_per_class, **common)
     else:
-        manifest = prepare_image_folder(
-            _path(ctx.root, p.source.train_dir), ctx.root / OUT, test_dir=_path(ctx.root, p.source.test_dir), **common
-        )
+        train_dir = _path(ctx.root, p.source.train_dir, "prepare.source.train_dir")
+        test_dir = _path(ctx.root, p.source.test_dir, "prepare.source.test_dir")
+        manifest = prepare_image_folder(train_dir, ctx.root / OUT, test_dir=test_dir, **common)
     metrics = {f"{split}_images": info["count"] for split, info in manifest["splits"].items()}
     metrics |= {
         "classes": len(manifest["classes"]),

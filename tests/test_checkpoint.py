@@ -152,16 +152,27 @@ def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not exist"):
         read_checkpoint(tmp_path / "nope.pth.tar")
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"empty.pth is not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"empty.pth is not a torch checkpoint, or it is corrupt"):
         read_checkpoint(tmp_path / "empty.pth")
+    (tmp_path / "notes.txt").write_text("hello, not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=r"notes.txt is not a torch checkpoint, or it is corrupt") as e:
+        read_checkpoint(tmp_path / "notes.txt")
+    assert "weights_only=False" not in str(e.value)
     good = tmp_path / "good.pth"
     official_file(make_jepa(), good)
     (tmp_path / "trunc.pth").write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match=r"trunc.pth"):
         load_encoder(tmp_path / "trunc.pth")
     torch.save({"encoder": {"x": Evil()}}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"weights_only=True.*refusing"):
+    with pytest.raises(CheckpointError, match=r"evil.pth is refused: loading it needs arbitrary unpickling") as e:
         read_checkpoint(tmp_path / "evil.pth")
+    assert "weights_only=False" not in str(e.value) and "(it asks for print)" in str(e.value)
+    torch.save({"encoder": {"x": Evil()}}, tmp_path / "evil_legacy.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"evil_legacy.pth is refused: .*arbitrary unpickling"):
+        read_checkpoint(tmp_path / "evil_legacy.pth")
+    torch.save({"embeddings": torch.zeros(2)}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"partial.pt is not a search index: it lacks keys, labels"):
+        read_checkpoint(tmp_path / "partial.pt", what="search index", keys=("embeddings", "keys", "labels"))
     (tmp_path / "pickled.pkl").write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(CheckpointError, match=r"pickled.pkl"):
         read_checkpoint(tmp_path / "pickled.pkl")

@@ -116,6 +116,11 @@ def test_bad_inputs_are_converted_or_skipped_and_listed(tmp_path):
     Image.fromarray(pattern(0, 8)).convert("P", palette=Image.Palette.ADAPTIVE).save(bad / "palette.png")
     rgba = np.dstack([pattern(0, 7), np.full((24, 20), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(bad / "alpha.png")
+    Image.fromarray(pattern(0, 6)).save(bad / "plain_rgb.png")
+    (bad / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (bad / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (bad / "loop").symlink_to(bad, target_is_directory=True)
+    (root / ".ipynb_checkpoints").mkdir()
     (root / "empty_class").mkdir()
     warnings = []
     m = prepare_image_folder(
@@ -127,7 +132,12 @@ def test_bad_inputs_are_converted_or_skipped_and_listed(tmp_path):
     assert "corrupt" in skipped["corrupt.jpg"] or "not an image" in skipped["corrupt.jpg"]
     assert skipped["text.jpg"].startswith("not an image")
     assert "not an image file" in skipped["notes.txt"]
-    assert set(skipped) == {"zero.jpg", "truncated.jpg", "corrupt.jpg", "text.jpg", "notes.txt"}
+    assert skipped[".DS_Store"].startswith("hidden file") and skipped[".ipynb_checkpoints"].startswith("hidden")
+    assert skipped["gone.jpg"].startswith("broken symlink") and "a loop or a duplicate" in skipped["loop"]
+    assert set(skipped) == {
+        "zero.jpg", "truncated.jpg", "corrupt.jpg", "text.jpg", "notes.txt",
+        ".DS_Store", "gone.jpg", "loop", ".ipynb_checkpoints",
+    }  # fmt: skip
     assert any("empty_class" in w for w in m["warnings"]) and any("empty_class" in w for w in warnings)
     samples = all_samples(tmp_path / "out", "train")
     converted = {}
@@ -142,7 +152,7 @@ def test_bad_inputs_are_converted_or_skipped_and_listed(tmp_path):
     assert "alpha" in converted["alpha.png"][0] and "palette" in converted["palette.png"][0]
     deep = cv2.imdecode(np.frombuffer(converted["deep16.png"][1]["png"], np.uint8), cv2.IMREAD_UNCHANGED)
     assert deep.dtype == np.uint8 and deep.ndim == 2 and deep.max() > 100
-    assert len(samples) == 2 * 3 + 4 and all(img.shape[0] == 3 for img, _, _ in samples)
+    assert len(samples) == 2 * 3 + 5 and all(img.shape[0] == 3 for img, _, _ in samples)  # plain_rgb.png kept
     assert m["splits"]["train"]["converted"] == 4
 
 

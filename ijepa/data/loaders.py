@@ -37,7 +37,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
 
-from .tario import count_samples, tar_samples
+from .tario import ShardError, count_samples, tar_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,7 +65,7 @@ def decode_array(data: bytes, where: str = "sample") -> np.ndarray:
             pass  # e.g. a CMYK or 12-bit JPEG: OpenCV decodes it or reports it below
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
-        raise ValueError(f"cannot decode the image of {where}")
+        raise ShardError(f"cannot decode the image of {where}")
     return arr
 
 
@@ -321,7 +321,7 @@ def _image_bytes(sample: dict) -> tuple[bytes, str]:
     data = sample.get("jpg", sample.get("png"))
     where = f"key {sample.get('__key__')} in {sample.get('__url__')}"
     if data is None:
-        raise KeyError(f"{where} has no jpg or png entry (has {sorted(k for k in sample if not k.startswith('__'))})")
+        raise ShardError(f"{where} has no jpg or png entry (has {sorted(k for k in sample if not k.startswith('__'))})")
     return data, where
 
 
@@ -466,5 +466,5 @@ def read_images(urls: Sequence[str], keys: Sequence[str]) -> dict[str, torch.Ten
                 break
     missing = wanted - set(found)
     if missing:
-        raise KeyError(f"keys not found in the shards: {sorted(missing)[:5]}")
+        raise ShardError(f"keys not found in the shards: {sorted(missing)[:5]}")
     return found

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .loaders import _image_bytes, _seed, build_batch, decode_array, pretrain_loader
 from .tario import tar_samples
 
@@ -37,6 +38,10 @@ class DecodedSplit:
         return len(self.keys)
 
 
+class SplitTooLarge(UserError, MemoryError):
+    """A split whose decoded images exceed the in-memory budget (the message names the setting to change)."""
+
+
 def decode_split(
     urls: Sequence[str], max_bytes: int = 2 << 30, setting: str = "in_memory", limit: int | None = None
 ) -> DecodedSplit:
@@ -49,7 +54,7 @@ def decode_split(
         setting: the params key that chose this path, named in the error.
         limit: stop after this many samples (None: all).
     Raises:
-        MemoryError: naming the split's first shard when the decoded images would exceed ``max_bytes``.
+        SplitTooLarge: naming the split's first shard when the decoded images would exceed ``max_bytes``.
     """
     if not urls:
         raise ValueError("decode_split needs at least one shard")
@@ -59,7 +64,7 @@ def decode_split(
         arr = decode_array(*_image_bytes(sample))
         total += arr.nbytes
         if total > max_bytes:
-            raise MemoryError(
+            raise SplitTooLarge(
                 f"the split of {urls[0]} decodes to more than {max_bytes / 2**30:.1f} GiB; stream it instead "
                 f"({setting}: false)"
             )

@@ -24,6 +24,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from ..errors import DataError
 from .sources import (
     FASHION_MNIST_CLASSES,
     Clean,
@@ -186,7 +187,7 @@ def write_dataset(
             sizes += split_sizes
             if info["count"] == 0:
                 reasons = Counter(s["reason"] for s in skips).most_common(3)
-                raise ValueError(f"split {split!r} has no usable image ({len(items)} inputs; skipped: {reasons})")
+                raise DataError(f"split {split!r} has no usable image ({len(items)} inputs; skipped: {reasons})")
             manifest["splits"][split] = info
         manifest["image_sizes"] = {"most_common": dict(sizes.most_common(20)), "distinct": len(sizes)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -328,7 +329,7 @@ def shard_urls(shard_dir: str | Path, split: str) -> list[str]:
     """Paths of a split's shards, in order, checked against the manifest."""
     manifest = read_manifest(shard_dir)
     if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} not in {Path(shard_dir) / MANIFEST} (has {sorted(manifest['splits'])})")
+        raise DataError(f"split {split!r} not in {Path(shard_dir) / MANIFEST} (has {sorted(manifest['splits'])})")
     urls = [str(Path(shard_dir) / s["file"]) for s in manifest["splits"][split]["shards"]]
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
 FASHION_MNIST_CLASSES = [
@@ -108,7 +111,8 @@ def sanitize_image(data: bytes) -> Clean:
             raise SkipImage("JPEG that OpenCV cannot decode")
         return Clean(data, "jpg", w, h, "")
     im, note = _convert(im)
-    return Clean(encode_png(np.asarray(im)), "png", w, h, note or f"{fmt} stored as PNG")
+    # An 8-bit RGB or grey PNG is re-encoded (deterministically) but not converted: no note.
+    return Clean(encode_png(np.asarray(im)), "png", w, h, note or ("" if fmt == "PNG" else f"{fmt} stored as PNG"))
 
 
 def encode_png(arr: np.ndarray) -> bytes:
@@ -131,6 +135,35 @@ class FolderScan:
     skipped: list[dict]
 
 
+def _list_files(folder: Path, root: Path) -> tuple[list[Path], list[dict]]:
+    """Regular files under ``folder`` (sorted), following symlinked folders; what is left out is returned as
+    ``{"path" (relative to root), "reason"}``: hidden entries, broken symlinks, symlinks to a folder already
+    listed (a loop or a duplicate) and anything that is not a regular file."""
+    files, skipped, seen, stack = [], [], {os.path.realpath(folder)}, [folder]
+    while stack:
+        current = stack.pop()
+        for entry in sorted(os.scandir(current), key=lambda e: e.name):
+            path = Path(entry.path)
+            rel = path.relative_to(root).as_posix()
+            if entry.name.startswith("."):
+                skipped.append({"path": rel, "reason": "hidden file or folder (name starts with '.')"})
+            elif entry.is_symlink() and not path.exists():
+                skipped.append({"path": rel, "reason": "broken symlink (its target does not exist or loops)"})
+            elif entry.is_dir():
+                real = os.path.realpath(path)
+                if real in seen:
+                    reason = f"symlink to a folder already listed ({real}): a loop or a duplicate"
+                    skipped.append({"path": rel, "reason": reason})
+                else:
+                    seen.add(real)
+                    stack.append(path)
+            elif entry.is_file():
+                files.append(path)
+            else:
+                skipped.append({"path": rel, "reason": "not a regular file"})
+    return sorted(files), skipped
+
+
 def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> FolderScan:
     """List ``root/<class>/**/<image>`` files.
 
@@ -138,27 +171,30 @@ def scan_image_folder(root: str | Path, classes: list[str] | None = None) -> Fol
         root: the split folder (e.g. ImageNet ``train/``).
         classes: the class list to use (e.g. from the train split); a folder not in it is an error.
     Returns:
-        ``FolderScan``; files with non-image extensions are listed as skipped, empty classes as warnings.
+        ``FolderScan``; files with non-image extensions, hidden entries, broken symlinks and symlink loops are
+        listed as skipped with their reason, empty classes as warnings.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skipped = [
+        {"path": p.name, "reason": "hidden folder (name starts with '.')"}
+        for p in sorted(root.iterdir())
+        if p.is_dir() and p.name.startswith(".")
+    ]
     if classes is None:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{root} has class folders not in the training classes: {unknown[:10]}")
+        raise DataError(f"{root} has class folders not in the training classes: {unknown[:10]}")
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected ImageFolder layout root/<class>/<image>)")
-    items, skipped, warns = [], [], []
+        raise DataError(f"{root} has no class sub-folders (expected ImageFolder layout root/<class>/<image>)")
+    items, warns = [], []
     for idx, name in enumerate(classes):
         folder = root / name
-        files = (
-            sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-            if folder.is_dir()
-            else []
-        )
+        files, odd = _list_files(folder, root) if folder.is_dir() else ([], [])
+        skipped += odd
         n = 0
         for p in files:
             rel = p.relative_to(root).as_posix()
@@ -176,10 +212,10 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
     if len(raw) < 8:
-        raise ValueError(f"{path} is too short to be an idx file")
+        raise DataError(f"{path} is too short to be an idx file")
     got, n = struct.unpack(">II", raw[:8])
     if got != magic:
-        raise ValueError(f"{path}: idx magic number {got}, expected {magic}")
+        raise DataError(f"{path}: idx magic number {got}, expected {magic}")
     if magic == 2049:
         arr = np.frombuffer(raw, np.uint8, offset=8)
         shape = (n,)
@@ -188,7 +224,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         arr = np.frombuffer(raw, np.uint8, offset=16)
         shape = (n, rows, cols)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but holds {arr.size} bytes of data")
+        raise DataError(f"{path}: header says {shape} but holds {arr.size} bytes of data")
     return arr.reshape(shape)
 
 
@@ -212,7 +248,7 @@ def read_fashion_mnist(directory: Path, split: str) -> tuple[np.ndarray, np.ndar
     images = _read_idx(directory / img_file, 2051)
     labels = _read_idx(directory / lbl_file, 2049)
     if len(images) != len(labels):
-        raise ValueError(f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split")
+        raise DataError(f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split")
     if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
-        raise ValueError(f"{directory / lbl_file}: label {labels.max()} out of range")
+        raise DataError(f"{directory / lbl_file}: label {labels.max()} out of range")
     return images, labels

@@ -16,11 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
+from ..errors import UserError
+
 _BLOCK = 512
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then every extension
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard that is not a readable tar archive (names the file and the byte offset)."""
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, read_checkpoint
 from ..device import autocast
 from ..models.vit import VisionTransformer
 
@@ -122,6 +122,6 @@ def save_features(path: str | Path, features: dict, **meta) -> None:
 def load_features(path: str | Path) -> dict:
     """Load a features file written by ``save_features``."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the extract stage first (dvc repro extract)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path, what="features file", keys=("meta",))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, read_checkpoint
 
 
 class SearchIndex:
@@ -49,9 +49,9 @@ class SearchIndex:
     @classmethod
     def load(cls, path: str | Path) -> SearchIndex:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"search index {path} not found: run the search stage first")
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = read_checkpoint(path, what="search index", keys=("embeddings", "keys", "labels", "sources", "meta"))
         return cls(d["embeddings"], d["keys"], d["labels"], d["sources"], d["meta"])
 
     def use_faiss(self, nlist: int = 256, nprobe: int = 16) -> None:

@@ -23,11 +23,13 @@ import yaml
 from PIL import Image
 
 from ..data.sources import IMAGE_EXTENSIONS
+from ..errors import ImageReadError, UserError
+from ..images import MAX_PIXELS, image_size, read_bgr
 
 IGNORE = 255
 
 
-class SegDataError(ValueError):
+class SegDataError(UserError, ValueError):
     """Bad segmentation data; the message names the file or key."""
 
 
@@ -156,6 +158,9 @@ def decode_color_mask(rgb: np.ndarray, classes: SegClasses) -> tuple[np.ndarray,
 
 def read_mask(path: Path, fmt: str, classes: SegClasses) -> tuple[np.ndarray, Counter]:
     """A mask file as (H, W) uint8 ids (255 = ignore) and its unknown-colour counts."""
+    size = image_size(path)  # refuse a mask bomb before decoding it
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise SegDataError(f"{path}: {size[0]}x{size[1]} pixels, above the limit of {MAX_PIXELS}")
     try:
         with Image.open(path) as im:
             if fmt == "color":
@@ -166,8 +171,8 @@ def read_mask(path: Path, fmt: str, classes: SegClasses) -> tuple[np.ndarray, Co
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise SegDataError(f"{path}: index masks must be single-channel (mode L or P), got mode {im.mode}")
             ids = np.asarray(im).astype(np.int64)
-    except (OSError, SyntaxError) as e:
-        raise SegDataError(f"{path}: cannot read mask: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SegDataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
     bad = (ids >= len(classes.names)) & (ids != IGNORE)
     counts = Counter()
     if bad.any():
@@ -178,11 +183,12 @@ def read_mask(path: Path, fmt: str, classes: SegClasses) -> tuple[np.ndarray, Co
 
 
 def read_image_bgr(path: Path) -> np.ndarray:
-    data = np.fromfile(path, np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise SegDataError(f"{path}: cannot decode image")
-    return img
+    """An image of a segmentation folder as BGR uint8; refused (SegDataError) when undecodable or above the
+    commands' pixel limit (checked on the header before decoding)."""
+    try:
+        return read_bgr(path)
+    except ImageReadError as e:
+        raise SegDataError(str(e)) from None
 
 
 class SegDataset(torch.utils.data.Dataset):

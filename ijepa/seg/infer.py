@@ -11,7 +11,8 @@ import torch
 from tqdm import tqdm
 
 from ..device import pick_device
-from ..inference import list_images, read_bgr
+from ..errors import ImageReadError, UsageError, VideoError
+from ..images import MAX_PIXELS, list_images, read_bgr, refuse_inside
 from .train import colorize, load_segmenter, overlay, predict_ids
 
 
@@ -35,6 +36,7 @@ def segment_folder(
     model, classes, pre = load_segmenter(checkpoint)
     model.to(dev)
     files, out = list_images(folder), Path(out_dir)
+    refuse_inside(out, folder, "--output")
     out.mkdir(parents=True, exist_ok=True)
     skipped, done, pending = [], 0, []
 
@@ -53,12 +55,15 @@ def segment_folder(
         pending.clear()
 
     for path in tqdm(files, desc="segment", mininterval=2):
-        img = read_bgr(path)
-        if img is None:
-            skipped.append(str(path))
+        try:
+            img = read_bgr(path)
+        except ImageReadError as e:  # listed in the result; the other images go on
+            skipped.append(str(e))
             continue
         pending.append((path, img))
-        if len(pending) == batch_size:
+        # Outputs are written at each image's own size, so the batch keeps the decoded images: it is flushed
+        # at batch_size images or at MAX_PIXELS pixels, whichever comes first, to bound memory.
+        if len(pending) == batch_size or sum(a.shape[0] * a.shape[1] for _, a in pending) >= MAX_PIXELS:
             flush()
     flush()
     return {"images": done, "skipped": skipped, "output": str(out), "classes": list(classes.names)}
@@ -82,12 +87,14 @@ def segment_video(
     video, output = Path(video), Path(output)
     if not video.is_file():
         raise FileNotFoundError(f"input video {video} does not exist")
+    if output.resolve() == video.resolve():
+        raise UsageError(f"--output {output} is the input video; choose another file")
     dev = pick_device(device)
     model, classes, pre = load_segmenter(checkpoint)
     model.to(dev)
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
-        raise ValueError(f"{video}: OpenCV cannot open this video")
+        raise VideoError(f"{video}: OpenCV cannot open it as a video")
     width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
@@ -96,7 +103,7 @@ def segment_video(
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))  # (W, H)
     if not writer.isOpened():
         cap.release()
-        raise ValueError(f"{output}: OpenCV cannot write this video (use .mp4 or .avi)")
+        raise VideoError(f"{output}: OpenCV cannot write this video (use .mp4 or .avi)")
     frames, batch, t0 = 0, [], time.perf_counter()
     bar = tqdm(total=count, desc="segment-video", unit="frame", mininterval=2)
 
@@ -119,7 +126,7 @@ def segment_video(
             if not ok:
                 break
             if frame.shape[:2] != (height, width):
-                raise ValueError(
+                raise VideoError(
                     f"{video}: frame {frames + len(batch)} is {frame.shape[1]}x{frame.shape[0]}, "
                     f"the stream says {width}x{height}"
                 )
@@ -127,13 +134,17 @@ def segment_video(
             if len(batch) == batch_size:
                 flush()
         flush()
+    except BaseException:
+        writer.release()
+        tmp.unlink(missing_ok=True)  # no partial video is left behind; the output (if any) is untouched
+        raise
     finally:
         bar.close()
         cap.release()
         writer.release()
     if frames == 0:
         tmp.unlink(missing_ok=True)
-        raise ValueError(f"{video}: no frames could be read")
+        raise VideoError(f"{video}: no frames could be read (not a video OpenCV can decode?)")
     tmp.replace(output)
     seconds = time.perf_counter() - t0
     return {

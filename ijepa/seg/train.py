@@ -16,6 +16,7 @@ from ..checkpoint import CheckpointError, atomic_save, load_state_strict, read_c
 from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from ..device import autocast
 from ..distributed import all_reduce_mean, broadcast_buffers, ddp
+from ..engine import NonFiniteLossError
 from ..models.vit import VisionTransformer
 from .data import IGNORE, SegClasses, SegDataset, collate_eval, collate_train
 from .metrics import ConfusionMatrix
@@ -125,7 +126,7 @@ def train_segmentation(
             loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
             value = float(all_reduce_mean(loss.detach()))  # the same on every rank: all stop together
             if not math.isfinite(value):
-                raise FloatingPointError(f"{desc}: loss is {value} at step {step}")
+                raise NonFiniteLossError(f"{desc}: loss is {value} at step {step}; lower the lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
