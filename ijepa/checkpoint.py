@@ -246,8 +246,13 @@ def _section(ckpt: Mapping, which: str, path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"which must be one of {MODEL_KEYS}, got {which!r}")
     if which in ckpt and isinstance(ckpt[which], Mapping):
         return clean_state_dict(ckpt[which])
-    if "patch_embed.proj.weight" in clean_state_dict(ckpt) and which != "predictor":
-        return clean_state_dict(ckpt)  # a bare encoder state dict (e.g. converted weights)
+    flat = clean_state_dict(ckpt)
+    if which != "predictor" and "patch_embed.proj.weight" in flat:
+        return flat  # a bare encoder state dict in our (= official, = timm) names
+    if which != "predictor" and any("embeddings.patch_embeddings." in k for k in flat):
+        from .interop import hf_to_ijepa
+
+        return hf_to_ijepa(flat)  # a bare Hugging Face IJepaModel state dict
     present = [k for k in MODEL_KEYS if k in ckpt]
     raise CheckpointError(f"{path} has no {which!r} entry (it has {present or sorted(ckpt)[:8]})")
 
@@ -260,16 +265,26 @@ def encoder_from_state(state: Mapping[str, torch.Tensor], arch: Mapping, where: 
 
 
 def load_encoder(path: str | Path, which: str = "target_encoder", *, num_heads: int | None = None) -> VisionTransformer:
-    """Load an encoder from an official release, one of our checkpoints, or a bare encoder state dict.
+    """Load an encoder from an official release, one of our checkpoints, or a bare encoder state dict in our
+    (= timm's) or Hugging Face's layout (``ijepa.interop``), as a torch file, a ``.safetensors`` file or a
+    ``save_pretrained`` folder.
 
     Args:
-        path: the ``.pth.tar`` file.
-        which: "target_encoder" (the paper's evaluation choice), "encoder" (context encoder).
-        num_heads: only for files without metadata whose width matches no official preset.
+        path: the ``.pth.tar`` file, ``.safetensors`` file or folder.
+        which: "target_encoder" (the paper's evaluation choice), "encoder" (context encoder); files holding one
+            encoder ignore it.
+        num_heads: only for files without metadata or config.json whose width matches no official preset.
     Returns:
         The encoder in eval mode, rebuilt from the file alone (metadata, or inferred from tensors).
     """
     path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        from .interop import heads_from_config, read_state_file, to_ijepa
+
+        raw, config = read_state_file(path)
+        state, layout = to_ijepa(raw)
+        arch = infer_encoder_arch(state, num_heads or heads_from_config(config))
+        return encoder_from_state(state, arch, f"{path} [{layout} layout]").eval()
     ckpt = read_checkpoint(path)
     state = _section(ckpt, which, path)
     meta = ckpt.get(META_KEY)

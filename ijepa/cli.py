@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .checkpoint import META_KEY, MODEL_KEYS, build_from_checkpoint
-from .errors import USER_FACING, report
+from .errors import USER_FACING, UsageError, report
 from .models.registry import list_models, preset
 
 
@@ -117,6 +117,25 @@ def _segment_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_encoder
+    from .interop import export_encoder
+
+    encoder = load_encoder(args.checkpoint, which=args.which, num_heads=args.num_heads)
+    out = Path(args.output)
+    if out.resolve() == Path(args.checkpoint).resolve():
+        raise UsageError(f"--output {out} is the checkpoint itself; choose a new folder")
+    export_encoder(encoder, out, args.to)
+    load = (
+        f'timm.models.VisionTransformer(**config["model_args"]) with config = {out}/config.json, then '
+        f"load_state_dict(safetensors.torch.load_file({out}/model.safetensors))"
+        if args.to == "timm"
+        else f'transformers.IJepaModel.from_pretrained("{out}")'
+    )
+    print(f"ijepa export: {args.which} of {args.checkpoint} -> {out} ({args.to} layout); load it with {load}")
+    return 0
+
+
 def _positive(text: str) -> int:
     """argparse type: an integer >= 1 (``--k``, ``--batch-size``)."""
     try:
@@ -166,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=16, help="frames per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.set_defaults(func=_segment_video)
+    p = sub.add_parser("export", help="write an encoder in timm's or Hugging Face's layout (safetensors + config)")
+    p.add_argument("checkpoint", help="ours, an official release, or a timm/Hugging Face file or folder")
+    p.add_argument("--to", required=True, choices=["timm", "hf"], help="the layout to write")
+    p.add_argument("--output", required=True, help="folder to write model.safetensors and config.json into")
+    p.add_argument("--which", default="target_encoder", choices=["target_encoder", "encoder"])
+    p.add_argument("--num-heads", type=_positive, default=None, help="only for files of a non-preset width")
+    p.set_defaults(func=_export)
     return parser
 
 

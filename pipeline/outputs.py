@@ -80,15 +80,33 @@ def new_figure(rows: int, cols: int, size: tuple[float, float]):
     return plt.subplots(rows, cols, figsize=size, squeeze=False)
 
 
-def save_figure(fig, path: str | Path, title: str | None = None) -> Path:
-    """Title, tight layout, PNG at ``path`` (folders created), figure closed."""
-    import matplotlib.pyplot as plt
+def save_figure(
+    fig, path: str | Path, title: str | None = None, legend: Sequence[tuple[str, Sequence[int]]] | None = None
+) -> Path:
+    """Title, tight layout, PNG at ``path`` (folders created), figure closed.
 
-    if title:
-        fig.suptitle(title)
+    Args:
+        legend: (name, RGB 0-255 colour) per class, drawn as a colour key under the panels: every plot that
+            encodes classes by colour carries one.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    extra = [fig.suptitle(title)] if title else []
     fig.tight_layout()
+    if legend:
+        handles = [Patch(facecolor=[c / 255 for c in rgb], edgecolor="0.3", label=name) for name, rgb in legend]
+        extra.append(
+            fig.legend(
+                handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6),
+                fontsize=8, frameon=False,
+            )
+        )  # fmt: skip
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    if legend:  # the key lies outside the axes: save the bounding box of everything drawn
+        fig.savefig(path, dpi=110, bbox_extra_artists=extra, bbox_inches="tight")
+    else:
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -114,6 +115,7 @@ class PretrainParams:
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     save_every_epochs: int = spec(0, non_negative, "be >= 0")
     monitor: MonitorParams = field(default_factory=MonitorParams)
+    log_model: bool = True  # the target encoder as an MLflow model, registered as ijepa-encoder
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,10 @@ class LauncherParams:
 class TrackingParams:
     experiment: str = spec("ijepa", lambda s: bool(s.strip()), "be a non-empty name")
     enabled: bool = True
+    model_alias: str | None = spec(
+        "repro", lambda s: re.fullmatch(r"[\w-]+", s) is not None and s.lower() != "latest",
+        "be letters, digits, _ or - (not 'latest', which MLflow reserves), or null",
+    )  # fmt: skip
 
 
 SECTIONS = {
@@ -303,6 +309,7 @@ class FinetuneParams:
     num_workers: int = spec(1, non_negative, "be >= 0")
     in_memory: bool = False  # decode every split once and build batches in-process (small data sets)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    log_model: bool = True  # the classifier as an MLflow model, registered as ijepa-classifier
 
 
 SECTIONS["finetune"] = FinetuneParams
@@ -384,6 +391,7 @@ class SegTrainParams:
     bf16: bool = True
     num_workers: int = spec(1, non_negative, "be >= 0")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    log_model: bool = True  # the pretrained-encoder segmenter as an MLflow model, registered as ijepa-segmenter
 
 
 @dataclass(frozen=True)

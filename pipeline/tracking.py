@@ -106,6 +106,7 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...
     def flush(self) -> None: ...
+    def log_model(self, model: Any, name: str, example: Any, alias: str | None = None) -> None: ...
 
 
 class MlflowTracker(NullTracker):
@@ -205,6 +206,36 @@ class MlflowTracker(NullTracker):
 
     def log_dict(self, obj: Any, name: str) -> None:
         self.client.log_dict(self.run_id, obj, name)
+
+    def log_model(self, model: Any, name: str, example: Any, alias: str | None = None) -> None:
+        """Log ``model`` (a torch module taking one tensor) as an MLflow model of this run, with a signature and
+        an input example, register it as a new version of ``name`` and point ``alias`` at that version.
+
+        The model is pickled with the ``ijepa`` package beside it (``code_paths``), so
+        ``mlflow.pyfunc.load_model("models:/<name>@<alias>")`` works wherever torch and mlflow are installed.
+        """
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(example)).numpy()
+        signature = infer_signature(example, output)
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
+        code = str(Path(__file__).resolve().parent.parent / "ijepa")
+        self.flush()
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):  # resumes this stage's run (the tracker ends it)
+            info = mlflow.pytorch.log_model(
+                model, name=name, signature=signature, input_example=example, registered_model_name=name,
+                pip_requirements=requirements, code_paths=[code], await_registration_for=0,
+            )  # fmt: skip
+        version = info.registered_model_version
+        if alias:
+            retry_locked(lambda: self.client.set_registered_model_alias(name, alias, version), "set the alias")
+        retry_locked(lambda: self.client.set_tag(self.run_id, f"ijepa.model.{name}", str(version)), "tag the run")
+        print(f"{self.ctx.stage}: registered {name} version {version}" + (f" as @{alias}" if alias else ""))
 
 
 def make_tracker(ctx: StageContext, *, enabled: bool, experiment: str, params: Mapping, all_params: Mapping):

@@ -1,4 +1,4 @@
-"""Turn `dvc exp show --json` into the README's seed table: one row per experiment, then mean +- spread.
+"""Turn `dvc exp show --json` into the seed table of docs/results.md: one row per experiment, then mean +- spread.
 
 Reads the experiments of the current commit whose names start with ``--prefix`` (``make seeds`` names
 them ``<prefix>-<objective>-seed<N>``), groups them by objective and prints a Markdown table of the

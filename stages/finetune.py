@@ -27,6 +27,7 @@ from ijepa.finetune import (
     with_drop_path,
 )
 from pipeline.distributed import distributed_stage
+from pipeline.models import example_images, register_model
 from pipeline.outputs import plot_series, write_json
 from pipeline.params import section
 from pipeline.stage import main
@@ -116,6 +117,9 @@ def run(params: dict, ctx, tracker, device) -> dict:
         result["history"], "epoch", ["train_loss", "model_val_top1"], ctx.root / "plots/finetune.png", "finetuning"
     )
     tracker.log_artifact(png, "plots")
+    if p.log_model:
+        example = example_images(urls[split], pre.crop_size, pre.resize_size)
+        register_model(tracker, ctx, section(params, "tracking"), "classifier", best, example)
     return metrics
 
 

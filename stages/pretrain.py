@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ijepa.checkpoint import load_checkpoint_meta
+from ijepa.checkpoint import load_checkpoint_meta, load_encoder
 from ijepa.data import eval_transform, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize, build_batch
 from ijepa.data.memory import DecodedSplit, decode_split, epoch_batches
@@ -29,6 +29,7 @@ from ijepa.pretrain import ModelSpec, OptimSpec, pretrain
 from pipeline import preemption
 from pipeline.context import params_hash
 from pipeline.distributed import distributed_stage
+from pipeline.models import example_images, register_model
 from pipeline.outputs import StepCSV, plot_series, text_figure, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
 from pipeline.stage import main
@@ -281,6 +282,11 @@ def run(params: dict, ctx, tracker, device) -> dict:
     tracker.log_artifact(png, "plots")
     tracker.log_artifact(ctx.root / MONITOR_CSV, "metrics")
     tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
+    if pre.log_model:  # the target encoder, what every downstream stage evaluates
+        split = "val" if "val" in manifest["splits"] else "train"
+        example = example_images(shard_urls(ctx.root / SHARDS, split), data.crop_size)
+        encoder = load_encoder(result["checkpoint"], which="target_encoder")
+        register_model(tracker, ctx, section(params, "tracking"), "encoder", encoder, example)
     return metrics
 
 

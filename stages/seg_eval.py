@@ -41,8 +41,9 @@ def iou_chart(names, results: dict, path: Path) -> Path:
     return save_figure(fig, path, title)
 
 
-def overlay_grid(models: dict, ds: SegDataset, vis_colors, n: int, device, path: Path) -> Path:
-    """Rows: validation images; columns: image, ground truth, one prediction per model."""
+def overlay_grid(models: dict, ds: SegDataset, names, vis_colors, n: int, device, path: Path) -> Path:
+    """Rows: validation images; columns: image, ground truth, one prediction per model; a colour key of the
+    classes (and of ignore) under the panels."""
     idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int)
     cols = 2 + len(models)
     fig, axes = new_figure(len(idx), cols, (2.4 * cols, 1.9 * len(idx)))
@@ -60,7 +61,8 @@ def overlay_grid(models: dict, ds: SegDataset, vis_colors, n: int, device, path:
             ax.set_axis_off()
             if r == 0:
                 ax.set_title(title, fontsize=9)
-    return save_figure(fig, path, "validation overlays (white = ignore)")
+    key = [*zip(names, vis_colors, strict=True), ("ignore (ground truth)", (255, 255, 255))]
+    return save_figure(fig, path, "validation overlays", legend=key)
 
 
 def run(params: dict, ctx, tracker) -> dict:
@@ -90,7 +92,9 @@ def run(params: dict, ctx, tracker) -> dict:
     }
     write_json(ctx.root / "metrics/seg_eval.json", metrics)
     chart = iou_chart(list(classes.names), results, ctx.root / "plots/seg_iou.png")
-    grid = overlay_grid(models, ds, classes.vis_colors, p.overlays, device, ctx.root / "plots/seg_overlays.png")
+    grid = overlay_grid(
+        models, ds, classes.names, classes.vis_colors, p.overlays, device, ctx.root / "plots/seg_overlays.png"
+    )
     for png in (chart, grid):
         tracker.log_artifact(png, "plots")
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ijepa.checkpoint import load_encoder
 from ijepa.models.vit import VisionTransformer
 from ijepa.seg.data import SegDataset, load_class_config
 from ijepa.seg.model import SegmentationModel
-from ijepa.seg.train import SegPreprocess, SegTrainSpec, save_segmenter, train_segmentation
+from ijepa.seg.train import SegPreprocess, SegTrainSpec, load_segmenter, save_segmenter, train_segmentation
 from pipeline.distributed import distributed_stage
+from pipeline.models import register_model
 from pipeline.outputs import plot_series, write_json
 from pipeline.params import ParamError, section
 from pipeline.stage import main
@@ -97,6 +99,11 @@ def run(params: dict, ctx, tracker, device) -> dict:
         f"segmentation head ({p.head}, {'frozen' if p.freeze_encoder else 'finetuned'} encoder)",
     )  # fmt: skip
     tracker.log_artifact(png, "plots")
+    if p.log_model:
+        val = SegDataset(ctx.root / d.val_dir, classes, d.mask_format, (d.height, d.width), train=False)
+        example = np.stack([val[i][0][..., ::-1] for i in range(min(2, len(val)))])
+        pretrained, _, _ = load_segmenter(ctx.root / OUT / "pretrained.pth")
+        register_model(tracker, ctx, section(params, "tracking"), "segmenter", pretrained, example)
     return metrics
 
 

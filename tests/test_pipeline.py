@@ -138,6 +138,89 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
         assert name in plots, name
 
 
+SERVE = """
+import json, sys
+import mlflow.pyfunc, numpy as np
+from mlflow.tracking import MlflowClient
+from ijepa.data.loaders import EvalTransform, build_batch
+from ijepa.finetune import load_classifier
+from ijepa.inference import read_bgr
+files = sys.argv[1:]
+mlflow.set_tracking_uri("sqlite:///mlflow.db")
+client = MlflowClient()
+_, names, pre = load_classifier("models/finetune/classifier.pth")
+rgb = build_batch([read_bgr(f) for f in files], EvalTransform(pre.crop_size, pre.resize_size)).numpy()[..., ::-1]
+out = {"versions": {}, "signatures": {}}
+for name in ("ijepa-encoder", "ijepa-classifier", "ijepa-segmenter"):
+    mv = client.get_model_version_by_alias(name, "repro")
+    out["versions"][name] = client.get_run(mv.run_id).data.tags["ijepa.stage"]
+    out["signatures"][name] = str(mlflow.models.get_model_info(f"models:/{name}@repro").signature.inputs)
+probs = mlflow.pyfunc.load_model("models:/ijepa-classifier@repro").predict(np.ascontiguousarray(rgb))
+out["classes"] = [names[i] for i in np.asarray(probs).argmax(1)]
+features = mlflow.pyfunc.load_model("models:/ijepa-encoder@repro").predict(np.ascontiguousarray(rgb))
+out["feature_shape"] = list(np.asarray(features).shape)
+print(json.dumps(out))
+"""
+
+
+def test_make_repro_registers_three_models_that_predict_like_the_commands(repo, tmp_path):
+    """The workspace run registered ijepa-encoder/-classifier/-segmenter under the alias `repro`; the classifier
+    loaded as an MLflow pyfunc predicts on an image batch the classes `ijepa classify` writes."""
+    import csv
+
+    from ijepa.data import shard_urls
+    from ijepa.data.loaders import read_images
+
+    urls = shard_urls(repo / "data/shards", "test")
+    keys = [f"{i:08d}" for i in range(6)]
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for key, img in read_images(urls, keys).items():
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(images / f"{key}.png")
+    files = sorted(str(p) for p in images.iterdir())
+    sh(repo, sys.executable, "-m", "ijepa.cli", "classify", "--checkpoint", "models/finetune/classifier.pth",
+       "--input", str(images), "--output", str(tmp_path / "p.csv"))  # fmt: skip
+    with open(tmp_path / "p.csv") as f:
+        by_path = {r["path"]: r["prediction"] for r in csv.DictReader(f)}
+    served = json.loads(sh(repo, sys.executable, "-c", SERVE, *files).stdout)
+    assert served["versions"] == {
+        "ijepa-encoder": "pretrain", "ijepa-classifier": "finetune", "ijepa-segmenter": "seg_train"
+    }  # fmt: skip
+    assert all("uint8" in sig for sig in served["signatures"].values()), served["signatures"]
+    assert served["classes"] == [by_path[f] for f in files]
+    assert served["feature_shape"][0] == len(files)
+
+
+def test_a_failed_prepare_keeps_the_previous_shards(repo):
+    """DVC deletes a stage's outputs before its command runs unless they persist: prepare's shards and metrics
+    persist, so a failing `dvc repro` leaves them (the stage itself swaps new shards in only when complete)."""
+    import gzip
+
+    bad = repo / "fixtures/bad_fm"
+    bad.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):  # fmt: skip
+        (bad / name).write_bytes(gzip.compress(b"xx"))
+    kept = [*(repo / "data/shards").rglob("*"), repo / "metrics/prepare.json"]
+    before = {p: p.read_bytes() for p in kept if p.is_file()}
+    assert len(before) > 2
+    params = (repo / "params.yaml").read_text()
+    changed = yaml.safe_load(params)
+    changed["prepare"]["source"]["dir"] = "fixtures/bad_fm"
+    (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    try:
+        r = sh(repo, "dvc", "repro", "prepare", check=False)
+    finally:
+        (repo / "params.yaml").write_text(params)
+        shutil.rmtree(bad)
+    assert r.returncode != 0 and "train-images-idx3-ubyte.gz is too short to be an idx file" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    assert {p: p.read_bytes() for p in kept if p.is_file()} == before
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "repro").stdout
+
+
 def test_exp_run_with_set_params(repo):
     sh(repo, "dvc", "exp", "run", "-n", "small-ep2", "-S", "model=vit_small", "-S", "pretrain.epochs=2")
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
@@ -177,8 +260,9 @@ def test_seed_runs_and_their_table(repo):
 
 
 def test_queued_sweep_keeps_its_mlflow_artifacts(repo):
+    """Two queued experiments run side by side (two workers) into the one sqlite store: both complete."""
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "optim.lr=0.001,0.002")
-    sh(repo, "dvc", "queue", "start")
+    sh(repo, "dvc", "queue", "start", "-j", "2")
     deadline = time.time() + 400
     while time.time() < deadline:
         status = sh(repo, "dvc", "queue", "status").stdout
@@ -189,11 +273,17 @@ def test_queued_sweep_keeps_its_mlflow_artifacts(repo):
     _, _, runs = mlflow_runs(repo, "tags.`ijepa.stage` = 'pretrain'")
     lrs = {r.data.params.get("optim.lr") for r in runs}
     assert {"0.001", "0.002"} <= lrs
-    for r in runs:
-        if r.data.params.get("optim.lr") in ("0.001", "0.002"):
-            assert r.info.artifact_uri.startswith((repo / "mlruns").as_uri())  # not in DVC's deleted temp dir
-            png = Path(r.info.artifact_uri.removeprefix("file://")) / "plots/pretrain_curves.png"
-            assert png.is_file()
+    client = mlflow_runs(repo)[0]
+    swept = [r for r in runs if r.data.params.get("optim.lr") in ("0.001", "0.002")]
+    assert len(swept) == 2
+    for r in swept:
+        assert r.info.status == "FINISHED" and r.data.params["pretrain.epochs"]
+        steps = int(r.data.metrics["steps"])
+        history = client.get_metric_history(r.info.run_id, "loss")
+        assert steps > 0 and sorted(m.step for m in history) == list(range(steps)), (steps, len(history))
+        assert r.info.artifact_uri.startswith((repo / "mlruns").as_uri())  # not in DVC's deleted temp dir
+        png = Path(r.info.artifact_uri.removeprefix("file://")) / "plots/pretrain_curves.png"
+        assert png.is_file()
 
 
 def test_bad_params_and_unreachable_store_fail_before_work(repo, tmp_path):

@@ -26,7 +26,14 @@ from ijepa.seg.data import (
 )
 from ijepa.seg.metrics import ConfusionMatrix, miou_from_counts
 from ijepa.seg.model import SegmentationModel
-from ijepa.seg.train import SegPreprocess, SegTrainSpec, evaluate_segmentation, save_segmenter, train_segmentation
+from ijepa.seg.train import (
+    SegPreprocess,
+    SegTrainSpec,
+    colorize,
+    evaluate_segmentation,
+    save_segmenter,
+    train_segmentation,
+)
 
 CLASSES = SegClasses(
     ("background", "cat", "dog"),
@@ -235,3 +242,18 @@ def test_train_eval_segment_and_video(tmp_path, capsys):
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     cap.release()
     assert cli(["segment-video", "--checkpoint", str(ckpt), "--input", str(tmp_path / "none.mp4")]) == 2
+
+
+def test_class_colour_plots_carry_a_legend(tmp_path):
+    from pipeline.outputs import new_figure, save_figure
+
+    fig, axes = new_figure(1, 2, (4, 2))
+    for ax in axes.flat:
+        ax.imshow(colorize(np.arange(3, dtype=np.uint8).reshape(1, 3), CLASSES.vis_colors))
+    key = [*zip(CLASSES.names, CLASSES.vis_colors, strict=True), ("ignore (ground truth)", (255, 255, 255))]
+    path = save_figure(fig, tmp_path / "overlays.png", "overlays", legend=key)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [*CLASSES.names, "ignore (ground truth)"]
+    colours = [tuple(round(255 * v) for v in h.get_facecolor()[:3]) for h in legend.legend_handles]
+    assert colours == [*map(tuple, CLASSES.vis_colors), (255, 255, 255)]
+    assert path.stat().st_size > 1000
