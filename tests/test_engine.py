@@ -236,3 +236,18 @@ def test_bf16_step_on_cuda(tiny_spec):
     opt.step()
     jepa.update_target(0.996)
     assert all(torch.isfinite(p).all() for p in jepa.parameters())
+
+
+def test_cpu_bf16_only_where_the_cpu_computes_it(monkeypatch, capsys):
+    """Emulated bf16 is ~100x slower than fp32: autocast stays off on a CPU without native bf16, and says so."""
+    from ijepa import device as dev
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda native=native: native)
+        dev._warn_emulated_bf16.cache_clear()
+        with dev.autocast(cpu, True):
+            assert torch.is_autocast_enabled("cpu") is native
+        with dev.autocast(cpu, False):
+            assert not torch.is_autocast_enabled("cpu")
+        assert ("no native bf16" in capsys.readouterr().err) is not native
