@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -228,19 +229,24 @@ def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streaming"])
 def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path, in_memory):
-    """2 local tasks under submitit; USR2 arrives 10 s in, on every run: stop, save, requeue, resume."""
-    epochs = 36  # ~400 steps, ~20 s of training here: interrupted at least once at 10 s after each start
+    """2 local tasks under submitit; USR2 arrives half-way through the uninterrupted run's time, on every run:
+    stop, save, requeue, resume, until done."""
+    epochs = 36  # ~400 steps
     root, params = _project(tmp_path / "cut", epochs, in_memory)
     ref_root, ref_params = _project(tmp_path / "ref", epochs, in_memory)
     lp = section(params, "launcher")
-    lp = dataclasses.replace(lp, tasks_per_node=2, max_requeues=10)
+    lp = dataclasses.replace(lp, tasks_per_node=2, max_requeues=20)
 
     ex = launch.make_executor(lp, tmp_path / "logs-ref")
     ex.update_parameters(timeout_min=30)
+    t0 = time.monotonic()
     ref = launch.submit_stage(ex, ref_root, ref_params).results()
+    # USR2 at half the uninterrupted job's time (start-up included), whatever this machine's speed: every run
+    # trains a share of the steps, so the job is cut at least once and finishes in a few requeues
+    signal_at = max(10.0, (time.monotonic() - t0) / 2)
 
     ex = launch.make_executor(lp, tmp_path / "logs-cut")
-    ex.update_parameters(timeout_min=0.5, signal_delay_s=20)  # the local controller sends USR2 at 10 s
+    ex.update_parameters(timeout_min=(signal_at + 20) / 60, signal_delay_s=20)  # USR2 20 s before the timeout
     job = launch.submit_stage(ex, root, params)
     results = job.results()
     log = "".join(p.read_text() for p in (tmp_path / "logs-cut").glob("*_0_log.*"))

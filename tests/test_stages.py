@@ -183,7 +183,7 @@ def test_bad_search_query_is_a_clear_error(project, capsys):
             extract.run,
             extract.SECTIONS,
             root=root,
-            params=params | {"tracking": {"experiment": "ijepa", "enabled": False}},
+            params=params | {"tracking": params["tracking"] | {"enabled": False}},
         )
 
 
