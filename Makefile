@@ -74,6 +74,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP) ## run the benchmarks (medians printed; numbers quoted in docs/benchmarks.md)
+	$(PY) benchmarks/bench_matmul.py
 	$(PY) benchmarks/bench_collator.py
 	$(PY) benchmarks/bench_pretrain_step.py
 	$(PY) benchmarks/bench_demo_loading.py

@@ -42,7 +42,8 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it torch emulates bf16 and a bf16
-    matmul is about 100x slower than an fp32 one (0.9 against 121 GFLOP/s on an AVX2-only AMD EPYC)."""
+    matmul is about 100x slower than an fp32 one (``benchmarks/bench_matmul.py``: 0.9 against 115.5 GFLOP/s on an
+    AVX2-only AMD EPYC)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
