@@ -59,15 +59,20 @@ def image_size(path: Path) -> tuple[int, int] | None:
         Image.MAX_IMAGE_PIXELS = limit
 
 
+def check_pixels(path: Path, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse (ImageReadError) a file whose header claims more than ``max_pixels``; nothing is decoded."""
+    size = image_size(path)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageReadError(f"{path}: {size[0]}x{size[1]} pixels, above the limit of {max_pixels}")
+
+
 def read_bgr(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A file as (H, W, 3) BGR uint8 (grey replicated).
 
     Raises:
         ImageReadError: larger than ``max_pixels`` (checked on the header before decoding), or not decodable.
     """
-    size = image_size(path)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageReadError(f"{path}: {size[0]}x{size[1]} pixels, above the limit of {max_pixels}")
+    check_pixels(path, max_pixels)
     data = np.fromfile(path, np.uint8)
     arr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if arr is None:

@@ -134,8 +134,9 @@ def test_index_masks_keep_255_and_flag_out_of_range_ids(tmp_path):
     ids, bad = read_mask(tmp_path / "m.png", "index", CLASSES)
     assert ids.tolist() == [[0, 1, 2], [IGNORE, IGNORE, 1]] and bad == Counter({"id 9": 1})
     cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((2, 2, 3), np.uint8))
-    with pytest.raises(SegDataError, match="single-channel"):
+    with pytest.raises(SegDataError, match="single-channel") as e:
         read_mask(tmp_path / "rgb.png", "index", CLASSES)
+    assert "cannot read mask" not in str(e.value)  # its own message, not re-wrapped as a read failure
 
 
 def test_joint_augmentation_keeps_image_and_mask_aligned():

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..data.sources import IMAGE_EXTENSIONS
 from ..errors import ImageReadError, UserError
-from ..images import MAX_PIXELS, image_size, read_bgr
+from ..images import check_pixels, read_bgr
 
 IGNORE = 255
 
@@ -158,9 +158,10 @@ def decode_color_mask(rgb: np.ndarray, classes: SegClasses) -> tuple[np.ndarray,
 
 def read_mask(path: Path, fmt: str, classes: SegClasses) -> tuple[np.ndarray, Counter]:
     """A mask file as (H, W) uint8 ids (255 = ignore) and its unknown-colour counts."""
-    size = image_size(path)  # refuse a mask bomb before decoding it
-    if size is not None and size[0] * size[1] > MAX_PIXELS:
-        raise SegDataError(f"{path}: {size[0]}x{size[1]} pixels, above the limit of {MAX_PIXELS}")
+    try:
+        check_pixels(path)  # refuse a mask bomb before decoding it
+    except ImageReadError as e:
+        raise SegDataError(str(e)) from None
     try:
         with Image.open(path) as im:
             if fmt == "color":
@@ -171,6 +172,8 @@ def read_mask(path: Path, fmt: str, classes: SegClasses) -> tuple[np.ndarray, Co
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise SegDataError(f"{path}: index masks must be single-channel (mode L or P), got mode {im.mode}")
             ids = np.asarray(im).astype(np.int64)
+    except SegDataError:  # raised above with its own message (it is a ValueError too)
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise SegDataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
     bad = (ids >= len(classes.names)) & (ids != IGNORE)
