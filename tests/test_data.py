@@ -378,3 +378,59 @@ def test_rand_augment_has_timms_strength_and_erasing_mae_s():
     area = (x[erased.bool()] != 0).all(1).flatten(1).float().mean(1)
     assert area.min() >= 0.015 and area.max() <= 0.34  # one box of 2-33% of the image
     assert torch.equal(random_erasing(torch.ones(4, 3, 8, 8), 0.0), torch.ones(4, 3, 8, 8))
+
+
+def test_batch_slots_are_reused_yet_never_overwrite_a_batch_still_held(tmp_path):
+    """Workers write batches into a few reused shared-memory slots: a consumer that copies each batch and drops
+    it gets its batches in slots; one that keeps every batch gets byte-identical batches (the workers fall
+    back to fresh buffers once every slot is held), for the pretraining and the evaluation loader."""
+    src = make_folder(tmp_path / "train", per_class=8)
+    out = tmp_path / "shards"
+    prepare_image_folder(src, out, val_fraction=0.0, shard_size=5, workers=1, progress=False)
+    urls = shard_urls(out, "train")
+    n = 16
+    loader = pretrain_loader(
+        urls, batch_size=4, collator=None, transform=pretrain_transform(16), batches_per_epoch=n, epoch=0
+    )
+    copied = [(imgs.clone(), labels) for imgs, labels in loader]
+    assert loader.slots.pooled >= n // 2  # most batches came in a reused slot
+    kept = list(loader)  # the same epoch again, every batch held
+    assert len(kept) == len(copied) == n
+    for (a, la), (b, lb) in zip(copied, kept, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb) and la.dtype == torch.int64
+    workers, slots = loader.slots.shape
+    assert loader.slots.pooled <= workers * slots  # nothing released: slots filled once, then fresh buffers
+
+    ev = eval_loader(urls, batch_size=3, transform=eval_transform(16), num_workers=2)
+    copied = [(imgs.clone(), keys) for imgs, _, keys in ev]
+    kept = [(imgs, keys) for imgs, _, keys in ev]
+    assert sorted(k for _, ks in kept for k in ks) == [f"{i:08d}" for i in range(24)]
+    assert all(torch.equal(a, b) and ka == kb for (a, ka), (b, kb) in zip(copied, kept, strict=True))
+
+
+def test_resize_halves_before_bilinear_where_bilinear_would_alias():
+    from ijepa.data.loaders import _halve, _resize_into
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    pairs = (src[:, 0:12:2].astype(int) + src[:, 1:12:2] + 1) // 2  # exact means of pixel pairs
+    assert np.array_equal(_halve(src, 1), pairs)
+    assert np.array_equal(_halve(src, 0), (src[0:8:2].astype(int) + src[1:8:2] + 1) // 2)
+
+    out = np.empty((16, 16, 3), np.uint8)
+    small = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)  # under 2x: bilinear as it is
+    _resize_into(small, out)
+    assert np.array_equal(out, cv2.resize(small, (16, 16), interpolation=cv2.INTER_LINEAR))
+
+    stripes = np.zeros((30, 36, 3), np.uint8)  # 1-px vertical stripes, 2.25x wider than the output
+    stripes[:, ::2] = 255
+    _resize_into(stripes, out)
+    plain = cv2.resize(stripes, (16, 16), interpolation=cv2.INTER_LINEAR)
+    area = cv2.resize(stripes, (16, 16), interpolation=cv2.INTER_AREA)
+    assert plain.std() > 50  # bilinear alone aliases the stripes into bands
+    assert out.std() < 2 and abs(float(out.mean()) - float(area.mean())) < 2  # the flat grey INTER_AREA gives
+
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (100, 90, 3), dtype=np.uint8), (0, 0), 3)
+    _resize_into(smooth, out)  # 5-6x in both axes: two 2 x 2 halvings, then bilinear
+    ref = cv2.resize(smooth, (16, 16), interpolation=cv2.INTER_AREA)
+    assert np.abs(out.astype(int) - ref).mean() < 1.5

@@ -1,9 +1,12 @@
 """Streaming loaders over the prepared shards: pretraining (resampled, fixed-length epochs) and evaluation.
 
 Batches leave the loaders as uint8 ``(B, H, W, 3)`` arrays in OpenCV's BGR order, built in the workers
-straight into shared memory (each image is decoded, cropped and resized into its slot of the batch: no
-per-image channel shuffle, no stacking copy, 4x less inter-process traffic than float32);
-``Normalize`` turns them into the model's float ``(B, 3, H, W)`` RGB input on the training device.
+straight into shared memory (each image is decoded, then at once cropped and resized into its slot of the
+batch: no per-image channel shuffle, no stacking copy, 4x less inter-process traffic than float32). The
+workers reuse a few shared-memory batch buffers (``BatchSlots``), each once the consumer has let go of
+the batch in it, and send labels and masks as small numpy arrays inside the message rather than as
+tensors that would each need a shared-memory segment and a file-descriptor hand-over.
+``Normalize`` turns the images into the model's float ``(B, 3, H, W)`` RGB input on the training device.
 Grey images are replicated to 3 channels at decode (OpenCV ``IMREAD_COLOR``), so every model has a
 3-channel patch embedding and official RGB weights apply unchanged.
 
@@ -27,13 +30,15 @@ import functools
 import hashlib
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import simplejpeg
 import torch
 import webdataset as wds
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import get_worker_info
 from torchvision.transforms import v2
 
@@ -74,12 +79,31 @@ def decode_image(data: bytes, where: str = "sample") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(decode_array(data, where)[:, :, ::-1].transpose(2, 0, 1)))
 
 
+def _halve(src: np.ndarray, axis: int | None) -> np.ndarray:
+    """Half the size along ``axis`` (None: both), each output pixel the mean of the 2 (or 2 x 2) it covers;
+    an odd last row or column is dropped."""
+    sh, sw = src.shape[:2]
+    if axis is None:  # OpenCV's INTER_AREA has a fast path for exactly 2 x 2
+        return cv2.resize(src[: sh // 2 * 2, : sw // 2 * 2], (sw // 2, sh // 2), interpolation=cv2.INTER_AREA)
+    # bilinear at exactly half samples midway between two pixels: their mean (INTER_AREA is 4x slower here)
+    if axis == 1:
+        return cv2.resize(src[:, : sw // 2 * 2], (sw // 2, sh), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(src[: sh // 2 * 2], (sw, sh // 2), interpolation=cv2.INTER_LINEAR)
+
+
 def _resize_into(src: np.ndarray, dst: np.ndarray) -> None:
-    # Bilinear, switching to INTER_AREA (anti-aliased, 4x slower) only when shrinking by 2x or more, where
-    # bilinear would alias; below 2x bilinear reads every source pixel anyway.
+    # Bilinear, after halving the source (pixel means) while it is 2x or more the output along an axis, as
+    # bilinear alone would alias there (below 2x it reads every source pixel anyway); PIL's reducing_gap
+    # does the same. OpenCV's INTER_AREA at such ratios gives close results at 3-6x the cost (1.0 ms against
+    # 0.3 ms for a 460 x 360 crop to 224 px), and ImageNet crops reach 2x whenever they are 448 px wide.
     h, w = dst.shape[:2]
-    area = w * 2 <= src.shape[1] or h * 2 <= src.shape[0]
-    cv2.resize(src, (w, h), dst=dst, interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
+    while src.shape[0] >= 2 * h and src.shape[1] >= 2 * w:
+        src = _halve(src, None)
+    while src.shape[1] >= 2 * w:
+        src = _halve(src, 1)
+    while src.shape[0] >= 2 * h:
+        src = _halve(src, 0)
+    cv2.resize(src, (w, h), dst=dst, interpolation=cv2.INTER_LINEAR)
 
 
 class TimmRandAugment(v2.RandAugment):
@@ -222,20 +246,106 @@ def eval_transform(crop_size: int, resize_size: int | None = None) -> EvalTransf
 
 
 def build_batch(
-    arrays: Sequence[np.ndarray], transform, rng: random.Random | None = None, shared: bool = False
+    arrays: Iterable[np.ndarray],
+    transform,
+    rng: random.Random | None = None,
+    out: torch.Tensor | None = None,
+    count: int | None = None,
 ) -> torch.Tensor:
-    """Transform decoded BGR images into one uint8 (B, S, S, 3) batch (in shared memory when ``shared``)."""
+    """Transform decoded BGR images into one uint8 (B, S, S, 3) batch, written into ``out`` when given
+    (a ``BatchSlots`` buffer of that shape in a loader worker), else into a new tensor. ``arrays`` may be an
+    iterator of ``count`` images."""
     s = transform.crop_size
-    shape = (len(arrays), s, s, 3)
-    if shared:  # allocated in shared memory: workers hand the batch over without another copy
-        storage = torch.UntypedStorage._new_shared(math.prod(shape))
-        buf = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-    else:
-        buf = torch.empty(shape, dtype=torch.uint8)
-    view = buf.numpy()
+    shape = (len(arrays) if count is None else count, s, s, 3)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    elif tuple(out.shape) != shape or out.dtype != torch.uint8:
+        raise ValueError(f"batch buffer is {tuple(out.shape)} {out.dtype}, the batch needs {shape} uint8")
+    view = out.numpy()
     for i, arr in enumerate(arrays):
         transform.apply(arr, view[i], rng)
-    return buf
+    return out
+
+
+class BatchSlots:
+    """Shared-memory batch buffers that each loader worker reuses once the consuming process has let go of
+    the batch written into one.
+
+    A fresh shared-memory batch pays a page fault per 4 KiB page on first write, plus creating and mapping
+    the segment: about 9 ms for a 64 x 224 x 224 x 3 batch, 150 us per image, a third of a JPEG decode
+    (``benchmarks/bench_data.py``). Each worker keeps ``slots`` buffers. A flag per (worker, slot) in shared
+    memory says whether the batch in it may still be read: the worker sets it when it fills the slot, the
+    consuming process clears it once no tensor there views that batch any more (``recycled``: a weak
+    reference to the batch's storage has expired). While every slot is held (a consumer that keeps its
+    batches) the worker writes into a fresh buffer instead, so no batch is ever overwritten while it can
+    still be read.
+    """
+
+    def __init__(self, num_workers: int, slots: int = 4):
+        self.shape = (max(num_workers, 1), slots)
+        self.flags = torch.zeros(self.shape, dtype=torch.int32)
+        self.pooled = 0  # batches that came in a pool slot, in the consumer's last pass
+        self._buffers: dict[int, torch.Tensor] = {}  # this worker's own buffers (empty in the consumer)
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """In a worker: a uint8 shared-memory buffer of ``shape`` and its (worker, slot) tag (None: a fresh
+        buffer outside the pool, every slot being held)."""
+        worker = _worker()[0]
+        row = self.flags[worker].numpy()
+        free = np.flatnonzero(row == 0)
+        if len(free) == 0:
+            return _shared_uint8(shape), None
+        slot = int(free[0])
+        buf = self._buffers.get(slot)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._buffers[slot] = _shared_uint8(shape)
+        row[slot] = 1
+        return buf, (worker, slot)
+
+    def recycled(self, loader: Iterable, images: Callable[[Any], torch.Tensor]) -> Iterator:
+        """In the consumer: one pass over ``loader`` (its workers yield ``(tag, batch)``) -> batches, numpy
+        leaves as tensors; a slot is freed once ``images(batch)`` and every view of it are gone.
+
+        Each pass starts new workers, with empty pools and new flags (a pass still running keeps its own)."""
+        flags = self.flags = torch.zeros(self.shape, dtype=torch.int32).share_memory_()
+        self.pooled = 0
+        held: list[tuple[tuple[int, int], StorageWeakRef]] = []
+        for tag, batch in loader:
+            for h in [h for h in held if h[1].expired()]:
+                flags[h[0]] = 0
+                held.remove(h)
+            if tag is not None:
+                held.append((tag, StorageWeakRef(images(batch).untyped_storage())))
+                self.pooled += 1
+            yield _tree(batch, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
+
+
+def _tree(obj, fn: Callable):
+    """``fn`` applied to every leaf of nested tuples and lists."""
+    if isinstance(obj, tuple | list):
+        return type(obj)(_tree(o, fn) for o in obj)
+    return fn(obj)
+
+
+def _keep(batch):
+    """``collate_fn`` of the loaders: batches leave the workers as built (torch's default would turn the
+    numpy labels and masks into tensors, each then sent through its own shared-memory segment)."""
+    return batch
+
+
+def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+class _Recycling:
+    """Re-iterable consumer side of a loader whose workers yield ``(tag, batch)`` (``BatchSlots``)."""
+
+    def __init__(self, loader, slots: BatchSlots, images: Callable[[Any], torch.Tensor]):
+        self.loader, self.slots, self.images = loader, slots, images
+
+    def __iter__(self) -> Iterator:
+        return self.slots.recycled(self.loader, self.images)
 
 
 class Normalize:
@@ -325,20 +435,44 @@ def _image_bytes(sample: dict) -> tuple[bytes, str]:
     return data, where
 
 
-def _pretrain_batches(src: Iterator[dict], batch_size: int, transform, collator, seed: int, epoch: int, rank: int):
-    """Worker stage: full batches ``((images, labels), masks_enc, masks_pred)`` (no masks without collator)."""
+def _decode_batch(samples: Sequence[dict], transform, rng: random.Random | None, out: torch.Tensor | None):
+    """``build_batch`` of the samples' images, each decoded just before its transform: the decoded image
+    (0.56 MB at 500 x 375) is still in the CPU cache when it is cropped, and a batch never holds 64 of them."""
+    return build_batch(_decoded(samples), transform, rng, out, count=len(samples))
+
+
+def _decoded(samples: Sequence[dict]) -> Iterator[np.ndarray]:
+    for s in samples:
+        yield decode_array(*_image_bytes(s))
+
+
+def _pretrain_batches(
+    src: Iterator[dict], batch_size: int, transform, collator, seed: int, epoch: int, rank: int, slots: BatchSlots
+):
+    """Worker stage: ``(slot tag, batch)`` of full batches ``((images, labels), masks_enc, masks_pred)`` (no
+    masks without collator); images go into ``slots`` in a worker process."""
     rng = random.Random(_seed("crops", seed, epoch, rank, _worker()[0]))
-    shared = get_worker_info() is not None
+    in_worker = get_worker_info() is not None
+    size = transform.crop_size
     while True:
         samples = [s for _, s in zip(range(batch_size), src, strict=False)]
         if len(samples) < batch_size:
             return
-        arrays = [decode_array(*_image_bytes(s)) for s in samples]
-        batch = (build_batch(arrays, transform, rng, shared), torch.tensor([int(s["cls"]) for s in samples]))
+        out, tag = slots.take((batch_size, size, size, 3)) if in_worker else (None, None)
+        batch = (_decode_batch(samples, transform, rng, out), np.array([int(s["cls"]) for s in samples]))
         if collator is None:
-            yield batch
+            yield tag, batch
         else:
-            yield (batch, *collator.sample(batch_size, collator.next_step()))
+            masks = collator.sample(batch_size, collator.next_step())
+            yield tag, (batch, *_tree(masks, lambda t: t.numpy() if isinstance(t, torch.Tensor) else t))
+
+
+def _first(batch) -> torch.Tensor:
+    return batch[0]
+
+
+def _pretrain_images(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch[0], torch.Tensor) else batch[0][0]
 
 
 def _seed_worker(worker_id: int, base: int) -> None:
@@ -360,7 +494,7 @@ def pretrain_loader(
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
     counts: Sequence[int] | None = None,
-) -> wds.WebLoader:
+) -> Iterable:
     """Loader for one pretraining epoch: exactly ``batches_per_epoch`` batches of
     ``((images uint8 (B, S, S, 3) BGR, labels), masks_enc, masks_pred)``.
 
@@ -382,6 +516,7 @@ def pretrain_loader(
     pieces = rank_pieces(urls, counts, rank, world_size)
     if sum(p["stop"] - p["start"] for p in pieces) < batch_size:
         raise ValueError(f"rank {rank} of {world_size} holds fewer images than one batch of {batch_size}")
+    slots = BatchSlots(num_workers)
     pipeline = wds.DataPipeline(
         _RankShards(pieces, rank, seed, epoch),
         tar_samples,
@@ -394,6 +529,7 @@ def pretrain_loader(
             seed=seed,
             epoch=epoch,
             rank=rank,
+            slots=slots,
         ),
     )
     base = _seed("worker", seed, epoch, rank)
@@ -403,19 +539,21 @@ def pretrain_loader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
+        collate_fn=_keep,
         persistent_workers=False,
         worker_init_fn=functools.partial(_seed_worker, base=base),
     )
-    return loader.with_epoch(batches_per_epoch)
+    return _Recycling(loader.with_epoch(batches_per_epoch), slots, _pretrain_images)
 
 
 class _EvalBatches(torch.utils.data.IterableDataset):
     """Exact-once reader: batches (images, labels, keys) of the samples of this (rank, worker)."""
 
-    def __init__(self, urls, transform, batch_size: int, rank: int, world_size: int, num_workers: int):
+    def __init__(self, urls, transform, batch_size: int, rank: int, world_size: int, slots: BatchSlots):
         super().__init__()
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
-        self.rank, self.world_size, self.num_workers = rank, world_size, max(num_workers, 1)
+        self.rank, self.world_size, self.slots = rank, world_size, slots
+        self.num_workers = slots.flags.shape[0]
 
     def _mine(self) -> Iterator[dict]:
         readers = self.world_size * self.num_workers
@@ -428,15 +566,17 @@ class _EvalBatches(torch.utils.data.IterableDataset):
                 yield sample
 
     def __iter__(self):
-        shared = get_worker_info() is not None
+        in_worker = get_worker_info() is not None
+        size = self.transform.crop_size
         it = self._mine()
         while samples := [s for _, s in zip(range(self.batch_size), it, strict=False)]:
-            arrays = [decode_array(*_image_bytes(s)) for s in samples]
-            yield (
-                build_batch(arrays, self.transform, None, shared),
-                torch.tensor([int(s["cls"]) for s in samples]),
+            out, tag = self.slots.take((len(samples), size, size, 3)) if in_worker else (None, None)
+            batch = (
+                _decode_batch(samples, self.transform, None, out),
+                np.array([int(s["cls"]) for s in samples]),
                 [s["__key__"] for s in samples],
             )
+            yield tag, batch
 
 
 def eval_loader(
@@ -447,13 +587,19 @@ def eval_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
-) -> torch.utils.data.DataLoader:
+) -> Iterable:
     """Deterministic loader yielding ``(images uint8 (B, S, S, 3) BGR, labels, keys)``; across all ranks and
     workers every sample of ``urls`` appears exactly once (keys identify them for gathering)."""
-    ds = _EvalBatches(urls, transform, batch_size, rank, world_size, num_workers)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=None, num_workers=num_workers, worker_init_fn=functools.partial(_seed_worker, base=0)
+    slots = BatchSlots(num_workers)
+    ds = _EvalBatches(urls, transform, batch_size, rank, world_size, slots)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_keep,
+        worker_init_fn=functools.partial(_seed_worker, base=0),
     )
+    return _Recycling(loader, slots, _first)
 
 
 def read_images(urls: Sequence[str], keys: Sequence[str]) -> dict[str, torch.Tensor]:
