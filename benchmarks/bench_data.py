@@ -40,7 +40,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ijepa.data import find_fashion_mnist, prepare_image_folder, pretrain_loader, pretrain_transform, read_manifest
-from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, _shared_uint8, decode_array
+from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, _resize_into, _shared_uint8, decode_array
 from ijepa.data.sources import read_fashion_mnist
 from ijepa.data.tario import tar_samples
 
@@ -117,6 +117,43 @@ def buffer_ms(repeats: int = 30) -> tuple[float, float]:
         fresh.append(t1 - t0)
         again.append(t2 - t1)
     return 1e3 * statistics.median(fresh), 1e3 * statistics.median(again)
+
+
+def resize_us(files: list[str], n: int = 400) -> tuple[dict[str, float], float]:
+    """Microseconds per crop to resize ``n`` RandomResizedCrop crops (the loader's draws) of the benchmark's
+    images to CROP px, one thread: the loader's ``_resize_into`` against single-pass alternatives; and the
+    share of crops at 2x the output or more along an axis (those ``_resize_into`` halves first)."""
+    import random
+
+    import torch.nn.functional as F
+
+    tf, rng = pretrain_transform(CROP), random.Random(0)
+    images = [decode_array(Path(f).read_bytes()) for f in files[:20]]
+    crops = []
+    for i in range(n):
+        img = images[i % len(images)]
+        top, left, h, w = tf.crop_params(rng, *img.shape[:2])
+        crops.append(img[top : top + h, left : left + w])
+    out = np.empty((CROP, CROP, 3), np.uint8)
+    ways = {
+        "ijepa _resize_into (bilinear, halving first at 2x+)": lambda c: _resize_into(c, out),
+        "cv2 INTER_LINEAR alone": lambda c: cv2.resize(c, (CROP, CROP), dst=out, interpolation=cv2.INTER_LINEAR),
+        "cv2 INTER_AREA": lambda c: cv2.resize(c, (CROP, CROP), dst=out, interpolation=cv2.INTER_AREA),
+        "torch uint8 bilinear, antialias": lambda c: F.interpolate(
+            torch.from_numpy(c).permute(2, 0, 1)[None], (CROP, CROP), mode="bilinear", antialias=True
+        ),
+    }
+    times = {}
+    for name, fn in ways.items():
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for c in crops:
+                fn(c)
+            runs.append((time.perf_counter() - t0) / n * 1e6)
+        times[name] = statistics.median(runs)
+    halved = sum(c.shape[0] >= 2 * CROP or c.shape[1] >= 2 * CROP for c in crops) / n
+    return times, halved
 
 
 def decode_pass(pool, files: list[str], decode) -> float:
@@ -196,6 +233,7 @@ def main() -> None:
                         r_folder.append(rate(folder)[0])
                         r_cv2.append(decode_pass(pool, files, _cv2_decode))
         fresh_ms, reused_ms = buffer_ms()
+        resize, halved = resize_us(files)
         tar_us = {
             "webdataset.tarfile_to_samples (Python tarfile)": parse_us(
                 lambda: wds.tarfile_to_samples(handler=wds.reraise_exception)(iter([{"url": u} for u in urls])), n
@@ -216,6 +254,9 @@ def main() -> None:
         f"batch buffer {BATCH}x{CROP}x{CROP}x3 in shared memory, filled: fresh {fresh_ms:.1f} ms, reused "
         f"{reused_ms:.1f} ms per batch ({1e3 * (fresh_ms - reused_ms) / BATCH:.0f} us per image saved by BatchSlots)"
     )
+    print(f"crop-resize to {CROP} px of the loader's crops ({100 * halved:.0f}% at 2x the output or more):")
+    for name, us in resize.items():
+        print(f"  {name:<52} {us:7.1f} us per crop")
     print(f"loader start-up (workers, shuffle buffer) to the first batch: {med(startup):.2f} s per epoch")
     print("workers  shards uint8  raw decode  ratio")
     for w in SCALING:

@@ -60,9 +60,9 @@ def _worker() -> tuple[int, int]:
 def decode_array(data: bytes, where: str = "sample") -> np.ndarray:
     """JPEG/PNG bytes -> (H, W, 3) uint8 array in OpenCV's BGR order (grey replicated to 3 channels).
 
-    JPEGs go through simplejpeg (libjpeg-turbo's TurboJPEG API, straight into BGR: about 12% faster than
-    ``cv2.imdecode`` on 384x288 JPEGs, ``benchmarks/bench_data.py``); anything it refuses, and PNGs, through
-    OpenCV."""
+    JPEGs go through simplejpeg (libjpeg-turbo's TurboJPEG API, straight into BGR: 14% faster than
+    ``cv2.imdecode`` on 384x288 JPEGs, on par at 500x375, ``benchmarks/bench_data.py``); anything it
+    refuses, and PNGs, through OpenCV."""
     if data[:2] == b"\xff\xd8":
         try:
             return simplejpeg.decode_jpeg(data, colorspace="BGR")
@@ -85,7 +85,8 @@ def _halve(src: np.ndarray, axis: int | None) -> np.ndarray:
     sh, sw = src.shape[:2]
     if axis is None:  # OpenCV's INTER_AREA has a fast path for exactly 2 x 2
         return cv2.resize(src[: sh // 2 * 2, : sw // 2 * 2], (sw // 2, sh // 2), interpolation=cv2.INTER_AREA)
-    # bilinear at exactly half samples midway between two pixels: their mean (INTER_AREA is 4x slower here)
+    # bilinear at exactly half samples midway between two pixels: their mean (INTER_AREA has no fast path
+    # for a 2 x 1 reduction)
     if axis == 1:
         return cv2.resize(src[:, : sw // 2 * 2], (sw // 2, sh), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(src[: sh // 2 * 2], (sw, sh // 2), interpolation=cv2.INTER_LINEAR)
@@ -94,8 +95,8 @@ def _halve(src: np.ndarray, axis: int | None) -> np.ndarray:
 def _resize_into(src: np.ndarray, dst: np.ndarray) -> None:
     # Bilinear, after halving the source (pixel means) while it is 2x or more the output along an axis, as
     # bilinear alone would alias there (below 2x it reads every source pixel anyway); PIL's reducing_gap
-    # does the same. OpenCV's INTER_AREA at such ratios gives close results at 3-6x the cost (1.0 ms against
-    # 0.3 ms for a 460 x 360 crop to 224 px), and ImageNet crops reach 2x whenever they are 448 px wide.
+    # does the same. OpenCV's INTER_AREA gives close results but costs 6x bilinear over the crops of a
+    # 500x375 image (benchmarks/bench_data.py); ImageNet crops reach 2x whenever they are 448 px wide.
     h, w = dst.shape[:2]
     while src.shape[0] >= 2 * h and src.shape[1] >= 2 * w:
         src = _halve(src, None)
@@ -272,7 +273,7 @@ class BatchSlots:
     the batch written into one.
 
     A fresh shared-memory batch pays a page fault per 4 KiB page on first write, plus creating and mapping
-    the segment: about 9 ms for a 64 x 224 x 224 x 3 batch, 150 us per image, a third of a JPEG decode
+    the segment: 9.8 ms for a 64 x 224 x 224 x 3 batch, 140 us per image, a seventh of a 500x375 JPEG decode
     (``benchmarks/bench_data.py``). Each worker keeps ``slots`` buffers. A flag per (worker, slot) in shared
     memory says whether the batch in it may still be read: the worker sets it when it fills the slot, the
     consuming process clears it once no tensor there views that batch any more (``recycled``: a weak
