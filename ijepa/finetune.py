@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from .checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
-from .data.loaders import random_erasing
+from .data.augment import random_erasing
 from .device import autocast
 from .distributed import all_reduce_mean, all_reduce_sum, unwrap
 from .engine import NonFiniteLossError

@@ -353,7 +353,7 @@ def test_rand_augment_has_timms_strength_and_erasing_mae_s():
     """rand-m9-mstd0.5: ops at 9/10 of their range on average (torchvision's magnitude=9 is 9/30)."""
     from torchvision.transforms import v2
 
-    from ijepa.data.loaders import TimmRandAugment, random_erasing
+    from ijepa.data.augment import TimmRandAugment, random_erasing
 
     torch.manual_seed(0)
     ra = TimmRandAugment(9)

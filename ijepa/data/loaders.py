@@ -40,7 +40,6 @@ import torch
 import webdataset as wds
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import get_worker_info
-from torchvision.transforms import v2
 
 from .tario import ShardError, count_samples, tar_samples
 
@@ -107,56 +106,12 @@ def _resize_into(src: np.ndarray, dst: np.ndarray) -> None:
     cv2.resize(src, (w, h), dst=dst, interpolation=cv2.INTER_LINEAR)
 
 
-class TimmRandAugment(v2.RandAugment):
-    """timm's ``rand-m{M}-mstd0.5`` (MAE's finetuning recipe uses M = 9) on torchvision's RandAugment ops.
-
-    timm's magnitude M is on a 0-10 scale: an op runs at M / 10 of its range (rotate up to 30 degrees,
-    shear 0.3, translate 0.45 of the side, colour/contrast/brightness/sharpness factors 1 +- 0.9). torchvision's
-    ``RandAugment(magnitude=9)`` indexes 31 bins, i.e. 9 / 30 of the range: a third of timm's strength. Here
-    the magnitude is drawn per image from N(M, ``std``) clipped to [0, 10] (timm's mstd; timm draws per op)
-    and mapped onto 101 bins, so an op runs at M / 10 of torchvision's range, which matches timm's maxima.
-    torchvision's posterize and solarize already grow stronger with the magnitude, like timm's "inc1" set.
-    Draws use the torch RNG.
-    """
-
-    def __init__(self, magnitude: float, std: float = 0.5, num_ops: int = 2):
-        if not 0 <= magnitude <= 10:
-            raise ValueError(f"RandAugment magnitude is on timm's 0-10 scale, got {magnitude}")
-        super().__init__(num_ops=num_ops, magnitude=0, num_magnitude_bins=101)
-        self.level, self.std = float(magnitude), float(std)
-
-    def forward(self, *inputs):
-        m = self.level + self.std * float(torch.randn(())) if self.std > 0 else self.level
-        self.magnitude = round(min(max(m, 0.0), 10.0) * 10)  # bin of 101: fraction m / 10 of the range
-        return super().forward(*inputs)
-
-
-def random_erasing(x: torch.Tensor, p: float) -> torch.Tensor:
-    """timm's RandomErasing as MAE finetunes with it (``reprob`` p, mode "pixel", one box): per image, with
-    probability ``p``, a box of 2-33% of the area and aspect ratio 0.3-3.3 is filled with standard-normal
-    noise, on the normalised (B, 3, H, W) batch, in place. Draws use the torch RNG (on the CPU)."""
-    if p <= 0:
-        return x
-    b, _, h, w = x.shape
-    for i in torch.nonzero(torch.rand(b) < p).flatten().tolist():
-        for _ in range(10):  # torchvision's rule: 10 tries of area x log-uniform ratio
-            area = h * w * float(torch.empty(()).uniform_(0.02, 1 / 3))
-            ratio = math.exp(float(torch.empty(()).uniform_(math.log(0.3), math.log(1 / 0.3))))
-            eh, ew = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-            if 0 < eh < h and 0 < ew < w:
-                top, left = int(torch.randint(0, h - eh + 1, ())), int(torch.randint(0, w - ew + 1, ()))
-                noise = torch.randn((x.shape[1], eh, ew)).to(x.device, x.dtype)
-                x[i, :, top : top + eh, left : left + ew] = noise
-                break
-    return x
-
-
 class PretrainTransform:
     """Upstream's ``make_transforms`` for one image, written into a batch slot.
 
     RandomResizedCrop(crop_size, scale=crop_scale, ratio 3/4-4/3) with torchvision's sampling rule, optional
     horizontal flip, colour distortion (ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p 0.8 plus RandomGrayscale
-    0.2) and Gaussian blur (p 0.5, sigma 0.1-2); for finetuning, ``TimmRandAugment(rand_augment)``.
+    0.2) and Gaussian blur (p 0.5, sigma 0.1-2); for finetuning, ``augment.TimmRandAugment(rand_augment)``.
     Normalisation is ``Normalize``'s job, on the batch.
     Crop and flip draw from the ``random.Random`` handed in (seeded per worker by the loaders); colour and
     blur use the torch RNG (seeded per worker too).
@@ -175,18 +130,11 @@ class PretrainTransform:
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
         self.crop_size, self.crop_scale, self.flip = int(crop_size), tuple(crop_scale), bool(horizontal_flip)
-        extra: list = []
-        if color_distortion:
-            s = color_jitter
-            extra += [
-                v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-                v2.RandomGrayscale(0.2),
-            ]
-        if gaussian_blur:
-            extra.append(v2.RandomApply([v2.GaussianBlur(max(3, (crop_size // 10) | 1), sigma=(0.1, 2.0))], p=0.5))
-        if rand_augment:
-            extra.append(TimmRandAugment(rand_augment))  # finetuning (MAE recipe: rand-m9-mstd0.5-inc1)
-        self._extra = v2.Compose(extra) if extra else None
+        self._extra = None
+        if color_distortion or gaussian_blur or rand_augment:  # torchvision only then (2 s to import)
+            from .augment import extra_transforms
+
+            self._extra = extra_transforms(crop_size, color_distortion, color_jitter, gaussian_blur, rand_augment)
 
     def crop_params(self, rng: random.Random, height: int, width: int) -> tuple[int, int, int, int]:
         """torchvision's RandomResizedCrop rule: 10 tries of area x log-uniform ratio, else a centre crop."""
