@@ -502,7 +502,7 @@ class _EvalBatches(torch.utils.data.IterableDataset):
         super().__init__()
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.rank, self.world_size, self.slots = rank, world_size, slots
-        self.num_workers = slots.flags.shape[0]
+        self.num_workers = slots.shape[0]
 
     def _mine(self) -> Iterator[dict]:
         readers = self.world_size * self.num_workers
