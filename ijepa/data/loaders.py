@@ -232,7 +232,7 @@ class BatchSlots:
 
     def __init__(self, num_workers: int, slots: int = 4):
         self.shape = (max(num_workers, 1), slots)
-        self.flags = torch.zeros(self.shape, dtype=torch.int32)
+        self.flags: torch.Tensor | None = None  # shared, new for each pass (``recycled``)
         self.pooled = 0  # batches that came in a pool slot, in the consumer's last pass
         self._buffers: dict[int, torch.Tensor] = {}  # this worker's own buffers (empty in the consumer)
 
@@ -387,12 +387,8 @@ def _image_bytes(sample: dict) -> tuple[bytes, str]:
 def _decode_batch(samples: Sequence[dict], transform, rng: random.Random | None, out: torch.Tensor | None):
     """``build_batch`` of the samples' images, each decoded just before its transform: the decoded image
     (0.56 MB at 500 x 375) is still in the CPU cache when it is cropped, and a batch never holds 64 of them."""
-    return build_batch(_decoded(samples), transform, rng, out, count=len(samples))
-
-
-def _decoded(samples: Sequence[dict]) -> Iterator[np.ndarray]:
-    for s in samples:
-        yield decode_array(*_image_bytes(s))
+    images = (decode_array(*_image_bytes(s)) for s in samples)
+    return build_batch(images, transform, rng, out, count=len(samples))
 
 
 def _pretrain_batches(
