@@ -46,6 +46,7 @@ class DataParams:
     color_jitter: float = spec(0.0, non_negative, "be >= 0")
     gaussian_blur: bool = False
     num_workers: int = spec(2, non_negative, "be >= 0")
+    stall_timeout_s: float = spec(300.0, non_negative, "be >= 0 (0: wait forever)")  # loader workers' silence
     shuffle_buffer: int = spec(1000, positive, "be > 0")
     in_memory: bool = False  # decode the train split once and build batches in-process (small data sets)
 
@@ -217,6 +218,7 @@ class ExtractParams:
     resize_size: int | None = spec(None, positive, "be > 0 (or null for the crop size)")
     batch_size: int = spec(256, positive, "be > 0")
     num_workers: int = spec(1, non_negative, "be >= 0")
+    stall_timeout_s: float = spec(300.0, non_negative, "be >= 0 (0: wait forever)")
     pixel_size: int = spec(16, positive, "be > 0")
     tokens: bool = False  # also keep the last layer's patch tokens (float16) for the attentive probe
     bf16: bool = True
@@ -307,6 +309,7 @@ class FinetuneParams:
     ema_decay: float = spec(0.9999, lambda x: 0 < x < 1, "be in (0, 1)")
     bf16: bool = True
     num_workers: int = spec(1, non_negative, "be >= 0")
+    stall_timeout_s: float = spec(300.0, non_negative, "be >= 0 (0: wait forever)")
     in_memory: bool = False  # decode every split once and build batches in-process (small data sets)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     log_model: bool = True  # the classifier as an MLflow model, registered as ijepa-classifier

@@ -50,6 +50,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
             batch_size=p.batch_size,
             transform=eval_transform(crop, p.resize_size),
             num_workers=p.num_workers,
+            stall_timeout=p.stall_timeout_s,
+            name=f"extract loader ({split})",
             rank=ctx.rank,
             world_size=ctx.world_size,
         )

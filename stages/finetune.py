@@ -67,14 +67,18 @@ def run(params: dict, ctx, tracker, device) -> dict:
     def train_batches(epoch):
         return epoch_batches(
             decoded.get("train", urls["train"]), collator=None, batches_per_epoch=steps * p.accum_steps,
-            epoch=epoch, num_workers=p.num_workers, batch_size=p.batch_size, transform=train_tf, seed=seed,
+            epoch=epoch, num_workers=p.num_workers, stall_timeout=p.stall_timeout_s, batch_size=p.batch_size,
+            transform=train_tf, seed=seed,
             counts=[s["count"] for s in train["shards"]], **shard,
         )  # fmt: skip
 
     def eval_batches(split):  # this rank's share of the split
         if decoded:
             return memory_eval_batches(decoded[split], batch_size=256, transform=eval_tf, **shard)
-        return eval_loader(urls[split], batch_size=256, transform=eval_tf, num_workers=p.num_workers, **shard)
+        return eval_loader(
+            urls[split], batch_size=256, transform=eval_tf, num_workers=p.num_workers, stall_timeout=p.stall_timeout_s,
+            name=f"finetune eval loader ({split})", **shard,
+        )  # fmt: skip
 
     bar = tqdm(total=steps * p.epochs, desc="finetune", mininterval=5, disable=not ctx.is_main)
     try:

@@ -156,7 +156,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
             split if split is not None else urls, collator=collator, batches_per_epoch=ipe, epoch=epoch,
             start=start_step - epoch * ipe, batch_size=pre.batch_size, transform=transform, seed=seed,
             rank=ctx.rank, world_size=ctx.world_size, num_workers=data.num_workers,
-            shuffle_buffer=data.shuffle_buffer, counts=[s["count"] for s in train_split["shards"]],
+            stall_timeout=data.stall_timeout_s, shuffle_buffer=data.shuffle_buffer,
+            counts=[s["count"] for s in train_split["shards"]],
         )  # fmt: skip
         for (imgs, _), masks_enc, masks_pred in loader:
             yield normalize(imgs, device), masks_enc, masks_pred

@@ -5,7 +5,12 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
+import re
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -25,7 +30,17 @@ from ijepa.data import (
     read_manifest,
     shard_urls,
 )
-from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_batch, decode_image, to_rgb_uint8
+from ijepa.data.loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LoaderStalled,
+    Normalize,
+    build_batch,
+    decode_image,
+    to_rgb_uint8,
+)
+from ijepa.data.shards import SplitTooSmall
+from ijepa.errors import UserError
 from ijepa.masks import MultiBlockMaskCollator
 
 CLASSES = ["cat", "dog", "eel"]
@@ -434,3 +449,91 @@ def test_resize_halves_before_bilinear_where_bilinear_would_alias():
     _resize_into(smooth, out)  # 5-6x in both axes: two 2 x 2 halvings, then bilinear
     ref = cv2.resize(smooth, (16, 16), interpolation=cv2.INTER_AREA)
     assert np.abs(out.astype(int) - ref).mean() < 1.5
+
+
+FORK_SAFETY = """
+import sys
+import cv2, numpy as np, torch
+from ijepa.data import eval_loader, eval_transform, pretrain_loader, pretrain_transform, shard_urls
+from ijepa.masks import MultiBlockMaskCollator
+
+urls = shard_urls(sys.argv[1], "train")
+cv2.setNumThreads(4)
+torch.set_num_threads(4)
+big = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
+for rep in range(4):
+    cv2.resize(big, (1100, 1100)), cv2.GaussianBlur(big, (9, 9), 2)  # OpenCV's thread pool, busy
+    torch.randn(384, 384) @ torch.randn(384, 384)  # torch's intra-op threads
+    coll = MultiBlockMaskCollator(32, 4)
+    coll.set_start_step(0)
+    loader = pretrain_loader(urls, batch_size=4, collator=coll, transform=pretrain_transform(32),
+                             batches_per_epoch=6, epoch=rep, num_workers=4, shuffle_buffer=8)
+    n = sum(1 for _ in loader)
+    m = sum(len(keys) for _, _, keys in eval_loader(urls, batch_size=4, transform=eval_transform(16), num_workers=3))
+    print("pass", rep, n, m, flush=True)
+"""
+
+
+def test_loaders_do_not_hang_after_the_parent_used_opencv_and_torch_threads(tmp_path):
+    """Workers forked from a process whose OpenCV thread pool had run hung forever in their first OpenCV call
+    (a lock held at fork time); they now start from a fork server. Repeated passes in a fresh interpreter that
+    keeps OpenCV's and torch's pools busy between them, under a timeout."""
+    src = make_folder(tmp_path / "train", per_class=8)
+    prepare_image_folder(src, tmp_path / "shards", val_fraction=0.0, shard_size=4, workers=1, progress=False)
+    root = Path(__file__).resolve().parents[1]
+    try:
+        r = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", FORK_SAFETY, str(tmp_path / "shards")],
+            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the loaders hung; printed before that: {e.stdout!r}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:-1] == [f"pass {i} 6 24" for i in range(4)]
+
+
+class StuckTransform:
+    """An eval transform whose decode never finishes in time (a hung file system, say)."""
+
+    crop_size = 16
+
+    def apply(self, arr, out, rng=None):
+        time.sleep(2.5)
+
+
+def test_a_stalled_loader_stops_with_one_line_naming_its_workers(tmp_path):
+    src = make_folder(tmp_path / "train", per_class=4)
+    prepare_image_folder(src, tmp_path / "shards", val_fraction=0.0, shard_size=4, workers=1, progress=False)
+    urls = shard_urls(tmp_path / "shards", "train")
+    loader = eval_loader(
+        urls, batch_size=1, transform=StuckTransform(), num_workers=2, stall_timeout=1.5, name="extract loader (test)"
+    )
+    with pytest.raises(LoaderStalled) as e:
+        list(loader)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("extract loader (test): no batch in 1.5 s (the stall timeout) from 2")
+    for w in (0, 1):  # each worker: its pid, its state, one batch begun (stuck in it)
+        assert re.search(rf"worker {w} \(pid \d+, sleeping, [\d.]+ s CPU\): 1 begun, the last [12] s ago", msg), msg
+    assert isinstance(e.value, UserError)  # a stage prints it as one line
+
+    stuck = pretrain_transform(16)
+    stuck.apply = StuckTransform().apply
+    loader = pretrain_loader(
+        urls, batch_size=1, collator=None, transform=stuck, batches_per_epoch=3, epoch=0, num_workers=1,
+        stall_timeout=1.0,
+    )  # fmt: skip
+    with pytest.raises(LoaderStalled, match=r"^pretrain loader: no batch in 1 s .* from 1 worker\(s\) \[worker 0 "):
+        list(loader)
+
+
+def test_splits_too_small_are_refused_before_writing(tmp_path):
+    src = make_folder(tmp_path / "train", per_class=5)
+    out = tmp_path / "shards"
+    prepare_image_folder(src, out, val_fraction=0.2, shard_size=4, workers=1, progress=False)  # 1 val per class
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SplitTooSmall, match=r"^split 'val' would get 0 images per class for 3 of 3 classes") as e:
+        prepare_image_folder(src, out, val_fraction=0.05, shard_size=4, workers=1, progress=False)
+    assert e.value.setting == "val_fraction" and "raise it to at least 0.2 for one image per class" in str(e.value)
+    with pytest.raises(SplitTooSmall, match=r"^split 'train' would get 0 images .* lower it below 0.9"):
+        prepare_image_folder(src, out, val_fraction=0.95, shard_size=4, workers=1, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written

@@ -201,8 +201,12 @@ def test_prepare_mistakes_are_one_line(tmp_path):
     broken = tmp_path / "broken"
     for name in CLASSES:
         (broken / name).mkdir(parents=True)
-        (broken / name / "x.jpg").write_bytes(b"")
-    work = stage_dir(tmp_path / "w2", prepare__source=src | {"train_dir": str(broken)}, tracking__enabled=False)
+        for i in range(2):
+            (broken / name / f"x{i}.jpg").write_bytes(b"")
+    work = stage_dir(
+        tmp_path / "w2", prepare__source=src | {"train_dir": str(broken)}, prepare__val_fraction=0.5,
+        tracking__enabled=False,
+    )  # fmt: skip
     one_line_error(stage("prepare", work), "prepare: error: ", "no usable image", "empty file")
     good = make_folder(tmp_path / "good", per_class=2)
     work = stage_dir(
@@ -212,6 +216,16 @@ def test_prepare_mistakes_are_one_line(tmp_path):
     )
     one_line_error(stage("prepare", work), "prepare: error: ", "prepare.source.test_dir", tmp_path / "val")
     assert not (work / "data").exists()
+    # splits too small for the probes: refused before any shard is written, naming the split, the images per
+    # class it would get and the setting
+    work = stage_dir(tmp_path / "w4", prepare__source=src | {"train_dir": str(good)}, tracking__enabled=False)
+    one_line_error(
+        stage("prepare", work), "prepare: error: prepare.val_fraction: split 'val' would get 0 images per class",
+        "for 3 of 3 classes", "val_fraction 0.1667 of 2 images rounds to 0", "raise it to at least 0.5",
+    )  # fmt: skip
+    assert not (work / "data").exists()
+    work = stage_dir(tmp_path / "w5", prepare__source=src | {"train_dir": str(good)}, prepare__val_fraction=0.0)
+    one_line_error(stage("prepare", work), "prepare: error: prepare.val_fraction: 0 carves no validation split")
 
 
 def test_stage_mistakes_are_one_line(tmp_path, files):

@@ -22,6 +22,9 @@ global step. Shards are read by ``tario`` (tar headers parsed directly, slices s
 Evaluation: every sample exactly once across ranks and workers, in a deterministic order: shards are
 dealt to the (rank, worker) readers when there are enough of them, otherwise every reader scans all shards
 and keeps every n-th sample.
+
+Workers start from a fork server (``worker_context``), never as forks of the training process, and a loader
+that delivers no batch for ``stall_timeout`` seconds raises ``LoaderStalled`` naming each worker's state.
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import multiprocessing
+import os
 import random
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -41,10 +49,61 @@ import webdataset as wds
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import get_worker_info
 
+from ..errors import UserError
 from .tario import ShardError, count_samples, tar_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+STALL_TIMEOUT = 300.0  # seconds without a batch before a loader with workers gives up (``LoaderStalled``)
+
+
+class LoaderStalled(UserError, RuntimeError):
+    """A loader's workers delivered no batch for its stall timeout (stuck, not dead: a dead worker is
+    reported by the DataLoader itself)."""
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of every loader's worker processes: a fork server, not ``fork``.
+
+    A forked worker inherits the training process's memory but not its threads. OpenCV's thread pool (used
+    in the parent by the health monitor, segmentation, a user's own code), OpenMP's and others keep locks
+    that a pool thread may hold at the moment of the fork; in the child nobody ever releases them, and the
+    first OpenCV call there (``cv2.setNumThreads`` in ``_seed_worker``) waited forever: every worker hung
+    at step 0 while the parent waited on their queue. Setting OpenCV's threads before any use would only
+    cover OpenCV, and only when no other code used it first. Workers forked from a server process instead
+    start from a process that has imported the loader's modules (``set_forkserver_preload``) but never ran
+    a thread pool, whatever the training process did (Python 3.14 makes this start method the default on
+    Linux for the same reason). Start-up stays a fork (the server is started once per process), and the
+    workers get the loader's dataset by pickling, as with ``spawn``.
+
+    As with ``spawn``, the training script's module is imported in the server: a script that builds a
+    loader must keep its top-level work under ``if __name__ == "__main__":``. Stages and the CLI do.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    preload = [__name__]
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name and not name.endswith("__main__"):  # ``python -m stages.pretrain``: the workers import it by name
+        preload.append(name)
+    elif getattr(main, "__file__", None):  # a script: the server imports it once, the workers inherit it
+        preload.append("__main__")
+    ctx.set_forkserver_preload(preload)  # effective once, when the server starts
+    return ctx
+
+
+def _proc_state(pid: int) -> str:
+    """A worker's state for a stall report: its scheduler state and CPU seconds (Linux), or 'gone'."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return "gone"
+        return "alive"
+    state = {"R": "running", "S": "sleeping", "D": "in I/O", "Z": "exited", "T": "stopped"}.get(fields[0], fields[0])
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return f"{state}, {cpu:.1f} s CPU"
 
 
 def _seed(*parts) -> int:
@@ -230,16 +289,25 @@ class BatchSlots:
     still be read.
     """
 
-    def __init__(self, num_workers: int, slots: int = 4):
+    def __init__(self, num_workers: int, slots: int = 4, name: str = "loader", stall_timeout: float = 0.0):
         self.shape = (max(num_workers, 1), slots)
+        self.name, self.stall_timeout = name, stall_timeout
         self.flags: torch.Tensor | None = None  # shared, new for each pass (``recycled``)
+        # shared, new for each pass: per worker (pid, batches begun, time of its start or last batch begun)
+        self.progress: torch.Tensor | None = None
         self.pooled = 0  # batches that came in a pool slot, in the consumer's last pass
         self._buffers: dict[int, torch.Tensor] = {}  # this worker's own buffers (empty in the consumer)
+
+    def started(self, worker: int) -> None:
+        """In a worker, first thing: record its pid and start time (for ``LoaderStalled``'s report)."""
+        self.progress[worker] = torch.tensor([os.getpid(), 0, time.time()], dtype=torch.float64)
 
     def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """In a worker: a uint8 shared-memory buffer of ``shape`` and its (worker, slot) tag (None: a fresh
         buffer outside the pool, every slot being held)."""
         worker = _worker()[0]
+        self.progress[worker, 1] += 1
+        self.progress[worker, 2] = time.time()
         row = self.flags[worker].numpy()
         free = np.flatnonzero(row == 0)
         if len(free) == 0:
@@ -255,11 +323,13 @@ class BatchSlots:
         """In the consumer: one pass over ``loader`` (its workers yield ``(tag, batch)``) -> batches, numpy
         leaves as tensors; a slot is freed once ``images(batch)`` and every view of it are gone.
 
-        Each pass starts new workers, with empty pools and new flags (a pass still running keeps its own)."""
+        Each pass starts new workers, with empty pools and new flags (a pass still running keeps its own).
+        Raises ``LoaderStalled`` when the loader's stall timeout passes without a batch."""
         flags = self.flags = torch.zeros(self.shape, dtype=torch.int32).share_memory_()
+        self.progress = torch.zeros((self.shape[0], 3), dtype=torch.float64).share_memory_()
         self.pooled = 0
         held: list[tuple[tuple[int, int], StorageWeakRef]] = []
-        for tag, batch in loader:
+        for tag, batch in self._stall_checked(loader):
             for h in [h for h in held if h[1].expired()]:
                 flags[h[0]] = 0
                 held.remove(h)
@@ -267,6 +337,41 @@ class BatchSlots:
                 held.append((tag, StorageWeakRef(images(batch).untyped_storage())))
                 self.pooled += 1
             yield _tree(batch, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
+
+    def _stall_checked(self, loader: Iterable) -> Iterator:
+        it = iter(loader)
+        while True:
+            stalled = False
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:  # the DataLoader's own timeout (``timeout=stall_timeout``)
+                if not str(e).startswith("DataLoader timed out"):
+                    raise
+                stalled = True
+            if stalled:
+                report = self.stall_report()
+                # dropping the iterator (outside the except block, whose traceback refers to it) shuts its
+                # workers down now: the DataLoader asks each to stop, waits up to 5 s, then terminates it
+                del it
+                raise LoaderStalled(report)
+            yield item
+
+    def stall_report(self) -> str:
+        """One line: the loader, its stall timeout, and each worker's pid, state and last batch begun."""
+        now, workers = time.time(), []
+        for w, (pid, begun, last) in enumerate(self.progress.tolist()):
+            if not pid:
+                workers.append(f"worker {w}: not started")
+                continue
+            since = "none begun" if not begun else f"{int(begun)} begun, the last"
+            workers.append(f"worker {w} (pid {int(pid)}, {_proc_state(int(pid))}): {since} {now - last:.0f} s ago")
+        return (
+            f"{self.name}: no batch in {self.stall_timeout:g} s (the stall timeout) from {len(workers)} "
+            f"worker(s) [{'; '.join(workers)}]: the workers are stuck (a deadlock, a hung file system or a "
+            "sample that never finishes decoding); a slow but healthy start needs a longer stall timeout"
+        )
 
 
 def _tree(obj, fn: Callable):
@@ -420,9 +525,21 @@ def _pretrain_images(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch[0], torch.Tensor) else batch[0][0]
 
 
-def _seed_worker(worker_id: int, base: int) -> None:
-    cv2.setNumThreads(1)
+def _seed_worker(worker_id: int, base: int, slots: BatchSlots) -> None:
+    slots.started(worker_id)
+    cv2.setNumThreads(1)  # one thread per worker: the workers are the parallelism
     torch.manual_seed(_seed("torch", base, worker_id) % 2**63)
+
+
+def _worker_options(num_workers: int, base: int, slots: BatchSlots) -> dict:
+    """DataLoader arguments shared by the loaders: the fork server, the stall timeout and worker seeding."""
+    if num_workers == 0:
+        return {}
+    return {
+        "multiprocessing_context": worker_context(),
+        "timeout": slots.stall_timeout,
+        "worker_init_fn": functools.partial(_seed_worker, base=base, slots=slots),
+    }
 
 
 def pretrain_loader(
@@ -439,6 +556,8 @@ def pretrain_loader(
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
     counts: Sequence[int] | None = None,
+    stall_timeout: float = STALL_TIMEOUT,
+    name: str = "pretrain loader",
 ) -> Iterable:
     """Loader for one pretraining epoch: exactly ``batches_per_epoch`` batches of
     ``((images uint8 (B, S, S, 3) BGR, labels), masks_enc, masks_pred)``.
@@ -454,6 +573,8 @@ def pretrain_loader(
         num_workers: DataLoader worker processes.
         shuffle_buffer: samples held for shuffling in each worker.
         counts: samples per shard (the manifest's; None: counted from the tar headers).
+        stall_timeout: seconds without a batch from the workers before ``LoaderStalled`` (0: wait forever).
+        name: the loader's name in that error.
     """
     if not urls:
         raise ValueError("pretrain_loader needs at least one shard")
@@ -461,7 +582,7 @@ def pretrain_loader(
     pieces = rank_pieces(urls, counts, rank, world_size)
     if sum(p["stop"] - p["start"] for p in pieces) < batch_size:
         raise ValueError(f"rank {rank} of {world_size} holds fewer images than one batch of {batch_size}")
-    slots = BatchSlots(num_workers)
+    slots = BatchSlots(num_workers, name=name, stall_timeout=stall_timeout)
     pipeline = wds.DataPipeline(
         _RankShards(pieces, rank, seed, epoch),
         tar_samples,
@@ -486,7 +607,7 @@ def pretrain_loader(
         num_workers=num_workers,
         collate_fn=_keep,
         persistent_workers=False,
-        worker_init_fn=functools.partial(_seed_worker, base=base),
+        **_worker_options(num_workers, base, slots),
     )
     return _Recycling(loader.with_epoch(batches_per_epoch), slots, _pretrain_images)
 
@@ -532,17 +653,20 @@ def eval_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
+    stall_timeout: float = STALL_TIMEOUT,
+    name: str = "eval loader",
 ) -> Iterable:
     """Deterministic loader yielding ``(images uint8 (B, S, S, 3) BGR, labels, keys)``; across all ranks and
-    workers every sample of ``urls`` appears exactly once (keys identify them for gathering)."""
-    slots = BatchSlots(num_workers)
+    workers every sample of ``urls`` appears exactly once (keys identify them for gathering). With workers,
+    ``LoaderStalled`` (naming ``name``) after ``stall_timeout`` seconds without a batch (0: wait forever)."""
+    slots = BatchSlots(num_workers, name=name, stall_timeout=stall_timeout)
     ds = _EvalBatches(urls, transform, batch_size, rank, world_size, slots)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=None,
         num_workers=num_workers,
         collate_fn=_keep,
-        worker_init_fn=functools.partial(_seed_worker, base=0),
+        **_worker_options(num_workers, 0, slots),
     )
     return _Recycling(loader, slots, _first)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .loaders import _image_bytes, _seed, build_batch, decode_array, pretrain_loader
+from .loaders import STALL_TIMEOUT, _image_bytes, _seed, build_batch, decode_array, pretrain_loader
 from .tario import tar_samples
 
 
@@ -141,16 +141,20 @@ def epoch_batches(
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
     counts: Sequence[int] | None = None,
+    stall_timeout: float = STALL_TIMEOUT,
     **stream,
 ) -> Iterator[tuple]:
     """Batches ``start ..`` of one training epoch from a decoded split (``memory_batches``) or from shards
-    (``pretrain_loader`` with ``num_workers``, ``shuffle_buffer`` and the shards' sample ``counts``, its first
-    ``start`` batches skipped);
+    (``pretrain_loader`` with ``num_workers``, ``shuffle_buffer``, the shards' sample ``counts`` and
+    ``stall_timeout``, its first ``start`` batches skipped);
     ``stream`` holds the arguments both take (batch_size, transform, seed, rank, world_size)."""
     common = dict(collator=collator, batches_per_epoch=batches_per_epoch, epoch=epoch, **stream)
     if isinstance(source, DecodedSplit):
         return memory_batches(source, start=start, **common)
     if collator is not None:
         collator.set_start_step(epoch * batches_per_epoch)
-    loader = pretrain_loader(source, num_workers=num_workers, shuffle_buffer=shuffle_buffer, counts=counts, **common)
+    loader = pretrain_loader(
+        source, num_workers=num_workers, shuffle_buffer=shuffle_buffer, counts=counts, stall_timeout=stall_timeout,
+        **common,
+    )  # fmt: skip
     return itertools.islice(loader, start, None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -25,6 +24,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ..errors import DataError
+from .loaders import worker_context
 from .sources import (
     FASHION_MNIST_CLASSES,
     Clean,
@@ -79,6 +79,37 @@ def _stratified(items: Sequence[Item], rng: random.Random, per_class: int | None
     return kept, carved
 
 
+class SplitTooSmall(DataError):
+    """A split that would get no image of some class; ``setting`` names the argument to change."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_split_sizes(kept: Sequence[Item], carved: Sequence[Item], classes: Sequence[str], fraction: float) -> None:
+    """Every class must keep a training image, and get a ``val`` image when ``fraction`` > 0; else
+    ``SplitTooSmall`` naming the split, the images per class it would get and the value that would do."""
+    n_kept, n_carved = Counter(it.label for it in kept), Counter(it.label for it in carved)
+    totals = {c: n_kept[c] + n_carved[c] for c in range(len(classes)) if n_kept[c] + n_carved[c]}
+    for split, got, fix in (
+        ("val", n_carved, lambda n: f"raise it to at least {1 / n:.3g} for one image per class"),
+        ("train", n_kept, lambda n: f"lower it below {(n - 0.5) / n:.3g} to keep one training image per class"),
+    ):
+        short = [c for c in totals if got[c] == 0]
+        if fraction == 0 or not short:
+            continue
+        smallest = min(totals[c] for c in short)
+        if smallest < 2:
+            fix = lambda n: "a class of one image cannot give both train and val one"  # noqa: E731
+        raise SplitTooSmall(
+            f"split {split!r} would get 0 images per class for {len(short)} of {len(totals)} classes (first: "
+            f"{classes[short[0]]!r}; val_fraction {fraction:g} of {smallest} images rounds to "
+            f"{round(smallest * fraction)}): {fix(smallest)}, or add images",
+            "val_fraction",
+        )
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -95,8 +126,7 @@ def _write_split(
     folder.mkdir(parents=True)
     shards, skipped, sizes, per_class = [], [], Counter(), Counter()
     writer, n_written, n_converted = None, 0, 0
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(max(1, workers)) as pool:
+    with worker_context().Pool(max(1, workers)) as pool:  # not forks of this process: see worker_context
         results = pool.imap(_encode, (it.ref for it in items), chunksize=64)
         for it, res in tqdm(
             zip(items, results, strict=True),
@@ -235,6 +265,7 @@ def prepare_image_folder(
     rng = random.Random(seed)
     as_items = lambda root, pairs: [Item(rel, lbl, str(Path(root) / rel)) for rel, lbl in pairs]  # noqa: E731
     train, val = _stratified(as_items(train_dir, scan.items), rng, max_per_class, val_fraction)
+    check_split_sizes(train, val, scan.classes, val_fraction)
     splits = {"train": train, "val": val}
     warns, skipped = list(scan.warnings), [{"split": "train", **s} for s in scan.skipped]
     if test_dir is not None:
@@ -295,6 +326,7 @@ def prepare_fashion_mnist(
         images, labels = read_fashion_mnist(src_dir, split)
         items = [Item(f"fashion-mnist/{split}/{i}", int(lbl), images[i]) for i, lbl in enumerate(labels)]
         kept, carved = _stratified(items, rng, cap, frac)
+        check_split_sizes(kept, carved, FASHION_MNIST_CLASSES, frac)
         splits[split] = kept
         if split == "train" and carved:
             splits["val"] = carved

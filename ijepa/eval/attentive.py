@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from .linear import topk_correct
 
 EPS = 1e-6  # norm1's epsilon
@@ -118,7 +119,10 @@ def train_attentive_probe(
         "num_heads"}.
     """
     if "train" not in tokens or "val" not in tokens:
-        raise ValueError("the attentive probe needs 'train' and 'val' tokens (val picks the lr; test is only reported)")
+        raise DataError(
+            "the attentive probe needs 'train' and 'val' tokens (val picks the lr; test is only reported): rerun "
+            "prepare with prepare.val_fraction > 0, then extract"
+        )
     device = device or torch.device("cpu")
     splits = [s for s in ("train", "val", "test") if s in tokens]
     dim = tokens["train"].shape[-1]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -89,7 +91,10 @@ def train_linear_grid(
     torch.manual_seed(seed)
     splits = [s for s in ("train", "val", "test") if s in features]
     if "train" not in features or "val" not in features:
-        raise ValueError("the probe needs 'train' and 'val' features (val picks the head; test is only reported)")
+        raise DataError(  # prepare refuses to write shards without a val split; older features may lack it
+            "the probe needs 'train' and 'val' features (val picks the head; test is only reported): rerun prepare "
+            "with prepare.val_fraction > 0, then extract"
+        )
     # Standardising with train statistics keeps one lr grid meaningful across poolings and feature scales.
     data = {}
     for p in poolings:

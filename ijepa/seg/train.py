@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
-from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, worker_context
 from ..device import autocast
 from ..distributed import all_reduce_mean, broadcast_buffers, ddp
 from ..engine import NonFiniteLossError
@@ -73,6 +73,7 @@ def _loader(
         num_workers=workers,
         collate_fn=collate_train if train else collate_eval,
         persistent_workers=False,
+        multiprocessing_context=worker_context() if workers else None,  # fork-safe: see worker_context
     )
 
 
