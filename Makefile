@@ -44,7 +44,7 @@ seed-table: $(STAMP) ## print the seed table of the experiments `make seeds` ran
 pretrain-slurm: $(STAMP) ## submit pretraining to SLURM via submitit (ARGS="launcher.nodes=2 launcher.partition=gpu --wait"), then `dvc commit pretrain`
 	$(PY) -m pipeline.launch --stage pretrain launcher=slurm $(ARGS)
 
-stage-slurm: $(STAMP) ## submit STAGE=pretrain|finetune|extract|seg_train to SLURM via submitit (ARGS as pretrain-slurm), then `dvc commit <stage>`
+stage-slurm: $(STAMP) ## submit STAGE=pretrain|finetune|extract|seg_train|attnprobe to SLURM via submitit (ARGS as pretrain-slurm), then `dvc commit <stage>`
 	$(PY) -m pipeline.launch --stage $(STAGE) launcher=slurm $(ARGS)
 
 slurm-up: ## (root) install and start a one-node SLURM on localhost to try `make pretrain-slurm`

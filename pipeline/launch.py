@@ -29,7 +29,8 @@ from .params import LauncherParams, load_params, section
 from .schema import ParamError
 from .stage import run_stage
 
-STAGES = ("pretrain", "finetune", "extract", "seg_train")  # the stages that run on several processes
+STAGES = ("pretrain", "finetune", "extract", "seg_train", "attnprobe")  # the stages that run on several processes
+RESUMING = ("pretrain", "attnprobe")  # stop at a step (epoch) boundary on SLURM's warning, save, requeue
 
 
 def stage_module(stage: str):
@@ -48,7 +49,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict | None:
         module = stage_module(self.stage)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        if self.stage == "pretrain":
+        if self.stage in RESUMING:
             preemption.install()  # stop at a step boundary and save; others keep submitit's requeue
         env = submitit.JobEnvironment()
         print(

@@ -1,6 +1,15 @@
 """attnprobe: V-JEPA's attentive probe (a learned query cross-attends to all patch tokens, then a linear head)
-on the cached tokens of the pretrained encoder, a random-init encoder of the same architecture and the raw
-pixels' patches; one probe per lr, the best chosen on val and reported on test. Needs ``extract.tokens``."""
+on the patch tokens of the pretrained encoder, a random-init encoder of the same architecture and the raw
+pixels' patches; one probe per lr, the best chosen on val and reported on test.
+
+Two sources of tokens, by ``extract.tokens``: the token cache the extract stage wrote (small data: the demo),
+or, with ``extract.tokens: false`` (ImageNet, whose cache would take 840 GB), tokens computed on the fly by the
+frozen encoders from the shards, with extract's checkpoint, crop, loader and bf16 settings
+(``ijepa.eval.attentive_stream``). The streaming path runs on several processes (torchrun, or
+``make stage-slurm STAGE=attnprobe``), saves its probes after every epoch to ``models/attnprobe/resume.pt``
+and resumes from there when rerun with the same params, checkpoint and shards (after a kill, a preemption or
+SLURM's USR2, which it answers at the next epoch end).
+"""
 
 from __future__ import annotations
 
@@ -8,15 +17,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ijepa.device import pick_device
+from ijepa.data import eval_loader, eval_transform, pretrain_loader, read_manifest, shard_urls
+from ijepa.data.loaders import Normalize
+from ijepa.distributed import any_rank
 from ijepa.eval.attentive import train_attentive_probe
-from ijepa.eval.features import load_features
+from ijepa.eval.attentive_stream import train_attentive_probes_streaming
+from ijepa.eval.features import frozen_encoders, load_features
+from pipeline import preemption
+from pipeline.context import params_hash
+from pipeline.distributed import distributed_stage
 from pipeline.outputs import ENCODER_COLORS, new_figure, save_figure, text_figure, write_json
-from pipeline.params import section
+from pipeline.params import ParamError, section
 from pipeline.stage import main
 
-SECTIONS = ("seed", "attnprobe", "tracking")
-FEATURES = Path("data/features")
+SECTIONS = ("seed", "attnprobe", "extract", "tracking")
+FEATURES, SHARDS = Path("data/features"), Path("data/shards")
+RESUME = Path("models/attnprobe/resume.pt")  # the streaming path's probes after each epoch (removed at the end)
 ENCODERS = ("pretrained", "random_init", "pixels")
 
 
@@ -25,23 +41,18 @@ def _tokens(root: Path, name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the attentive probe reads the patch tokens that the extract stage keeps with "
-            "extract.tokens: true (dvc repro extract)"
+            "extract.tokens: true (dvc repro extract); with extract.tokens: false it computes them from the shards"
         )
     return load_features(path)
 
 
-def run(params: dict, ctx, tracker) -> dict:
-    p, seed = section(params, "attnprobe"), section(params, "seed")
-    if not p.enabled:  # the outputs exist either way (dvc.yaml lists them); they say the probe did not run
-        write_json(ctx.root / "metrics/attnprobe.json", {"enabled": False})
-        text_figure(ctx.root / "plots/attnprobe.png", "attentive probe not run (attnprobe.enabled: false)")
-        return {"enabled": 0}
-    device = pick_device(p.device)
+def _cached(root: Path, p, seed: int, device) -> dict:
+    """Every encoder's probes on the token cache, one encoder's tokens in memory at a time."""
     results, splits = {}, ("train", "val", "test")
     bar = tqdm(total=len(ENCODERS) * len(p.lrs) * p.epochs, desc="attnprobe", mininterval=5)
     try:
         for name in ENCODERS:
-            feats = _tokens(ctx.root, name)
+            feats = _tokens(root, name)
             present = [s for s in splits if s in feats]
             results[name] = train_attentive_probe(
                 {s: feats[s]["tokens"] for s in present},
@@ -60,6 +71,75 @@ def run(params: dict, ctx, tracker) -> dict:
             del feats
     finally:  # an error starts on a line of its own
         bar.close()
+    return results
+
+
+def _streamed(params: dict, ctx, p, ex, seed: int, device) -> dict | None:
+    """Every encoder's probes on tokens computed from the shards (None: stopped for a preemption)."""
+    manifest = read_manifest(ctx.root / SHARDS)
+    train = manifest["splits"]["train"]
+    if p.batch_size % ctx.world_size:
+        raise ParamError(f"attnprobe.batch_size: {p.batch_size} is not divisible by the {ctx.world_size} ranks")
+    steps = train["count"] // p.batch_size
+    if steps < 1:
+        raise ParamError(f"attnprobe.batch_size: {p.batch_size} exceeds the {train['count']} training images")
+    ckpt = ctx.root / ex.checkpoint
+    encoders = frozen_encoders(ckpt, ex.which, seed, device) | {"pixels": None}
+    transform = eval_transform(ex.crop_size or encoders["pretrained"].img_size[0], ex.resize_size)
+    urls = {s: shard_urls(ctx.root / SHARDS, s) for s in manifest["splits"]}
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=ex.num_workers, stall_timeout=ex.stall_timeout_s)
+    normalize = Normalize()
+    # what a resume file must match: every setting that changes a probe, the data and the encoder's weights
+    stat = ckpt.stat()
+    key = params_hash(
+        {s: params[s] for s in ("seed", "attnprobe", "extract")}
+        | {"world_size": ctx.world_size, "train": [s["sha256"] for s in train["shards"]]}
+        | {"checkpoint": [stat.st_size, stat.st_mtime_ns]}
+    )
+    bar = tqdm(total=steps * p.epochs, desc="attnprobe (streaming)", mininterval=5, disable=not ctx.is_main)
+    try:
+        return train_attentive_probes_streaming(
+            encoders,
+            train_batches=lambda epoch: pretrain_loader(
+                urls["train"], batch_size=p.batch_size // ctx.world_size, collator=None, transform=transform,
+                batches_per_epoch=steps, epoch=epoch, seed=seed, counts=[s["count"] for s in train["shards"]],
+                name="attnprobe loader (train)", **shard,
+            ),
+            eval_batches=lambda split: eval_loader(
+                urls[split], batch_size=ex.batch_size, transform=transform, name=f"attnprobe loader ({split})",
+                **shard,
+            ),
+            eval_splits=[s for s in ("val", "test") if s in urls],
+            prepare=lambda x: normalize(x, device), num_classes=len(manifest["classes"]), lrs=p.lrs,
+            steps_per_epoch=steps, num_heads=p.num_heads, epochs=p.epochs, weight_decay=p.weight_decay,
+            warmup_epochs=p.warmup_epochs, seed=seed, device=device, bf16=ex.bf16, state_path=ctx.root / RESUME,
+            state_key=key, should_stop=lambda: any_rank(preemption.requested(), device), is_main=ctx.is_main,
+            progress=lambda step: bar.update(1),
+        )  # fmt: skip
+    finally:
+        bar.close()
+
+
+@distributed_stage("attnprobe.device")
+def run(params: dict, ctx, tracker, device) -> dict:
+    p, ex, seed = section(params, "attnprobe"), section(params, "extract"), section(params, "seed")
+    if not p.enabled:  # the outputs exist either way (dvc.yaml lists them); they say the probe did not run
+        if ctx.is_main:
+            write_json(ctx.root / "metrics/attnprobe.json", {"enabled": False})
+            text_figure(ctx.root / "plots/attnprobe.png", "attentive probe not run (attnprobe.enabled: false)")
+        return {"enabled": 0}
+    if ex.tokens:  # the cache holds every split: one process trains on it
+        if not ctx.is_main:
+            return {"world_size": ctx.world_size}
+        results = _cached(ctx.root, p, seed, device)
+    else:
+        results = _streamed(params, ctx, p, ex, seed, device)
+        if results is None:
+            print(f"attnprobe: stopped; {RESUME} resumes from the last finished epoch", flush=True)
+            return {"stopped": True}
+        if not ctx.is_main:
+            return {"world_size": ctx.world_size}
+        (ctx.root / RESUME).unlink(missing_ok=True)
     best = results["pretrained"]
     metrics = {
         "top1": best["test_top1"],
@@ -69,10 +149,11 @@ def run(params: dict, ctx, tracker) -> dict:
         "random_init_top1": results["random_init"]["test_top1"],
         "pixels_top1": results["pixels"]["test_top1"],
         "gap_vs_random_init": round(best["test_top1"] - results["random_init"]["test_top1"], 5),
+        "tokens": "cache" if ex.tokens else "streamed",
     }
     write_json(ctx.root / "metrics/attnprobe.json", metrics | {"table": {n: r["table"] for n, r in results.items()}})
     tracker.log_artifact(_plot(results, ctx.root / "plots/attnprobe.png"), "plots")
-    return {k: v for k, v in metrics.items() if k != "best_head"}
+    return {k: v for k, v in metrics.items() if k not in ("best_head", "tokens")}
 
 
 def _plot(results: dict, path: Path) -> Path:

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ijepa.checkpoint import load_encoder
 from ijepa.data import eval_loader, eval_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
 from ijepa.distributed import gather_to_main
-from ijepa.eval.features import extract_features, merge_features, save_features
-from ijepa.models.vit import VisionTransformer
+from ijepa.eval.features import extract_features, frozen_encoders, merge_features, save_features
 from pipeline.distributed import distributed_stage
 from pipeline.outputs import write_json
 from pipeline.params import section
@@ -36,9 +32,8 @@ SHARDS, OUT = Path("data/shards"), Path("data/features")
 def run(params: dict, ctx, tracker, device) -> dict:
     p, seed = section(params, "extract"), section(params, "seed")
     ckpt = ctx.root / p.checkpoint
-    encoder = load_encoder(ckpt, which=p.which).to(device)
-    torch.manual_seed(seed)
-    random_init = VisionTransformer(**encoder.arch()).eval().to(device)
+    encoders = frozen_encoders(ckpt, p.which, seed, device)
+    encoder = encoders["pretrained"]
     crop = p.crop_size or encoder.img_size[0]
     manifest = read_manifest(ctx.root / SHARDS)
     normalize = Normalize()
@@ -56,7 +51,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
             world_size=ctx.world_size,
         )
         feats = extract_features(
-            {"pretrained": encoder, "random_init": random_init},
+            encoders,
             loader,
             prepare=lambda x: normalize(x, device),
             device=device,

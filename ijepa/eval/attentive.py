@@ -87,6 +87,37 @@ def heads_for(dim: int, wanted: int) -> int:
     return max(h for h in range(1, wanted + 1) if dim % h == 0)
 
 
+def new_probe(
+    dim: int, num_classes: int, heads: int, lr: float, weight_decay: float, seed: int, device: torch.device
+) -> tuple[AttentiveProbe, torch.optim.AdamW]:
+    """A probe initialised from ``seed`` (the same for every lr) and its AdamW (no decay on biases, norms and
+    the query)."""
+    torch.manual_seed(seed)
+    probe = AttentiveProbe(dim, num_classes, heads).to(device)
+    decay = [p for name, p in probe.named_parameters() if p.ndim > 1 and name != "query"]
+    rest = [p for name, p in probe.named_parameters() if not (p.ndim > 1 and name != "query")]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
+    return probe, opt
+
+
+def lr_scale(step: int, warmup: int, total: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``: the factor on the base lr."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def best_of(table: list[dict], heads: int) -> dict:
+    """The row with the best val top-1 (the smaller lr on a tie), as a probe result."""
+    best = max(table, key=lambda r: (r["val_top1"], -r["lr"]))
+    out = {"best": best["head"], "table": table, "val_top1": best["val_top1"], "num_heads": heads}
+    if "test_top1" in best:
+        out |= {"test_top1": best["test_top1"], "test_top5": best["test_top5"]}
+    return out
+
+
 def train_attentive_probe(
     tokens: Mapping[str, torch.Tensor],
     labels: Mapping[str, torch.Tensor],
@@ -134,13 +165,7 @@ def train_attentive_probe(
     z = {s: _standardised(tokens[s], dim) for s in splits}
     table = []
     for lr in lrs:
-        torch.manual_seed(seed)
-        probe = AttentiveProbe(dim, num_classes, heads).to(device)
-        decay = [p for name, p in probe.named_parameters() if p.ndim > 1 and name != "query"]
-        rest = [p for name, p in probe.named_parameters() if not (p.ndim > 1 and name != "query")]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
-        )
+        probe, opt = new_probe(dim, num_classes, heads, lr, weight_decay, seed, device)
         g = torch.Generator().manual_seed(seed)
         step = 0
         for epoch in range(epochs):
@@ -150,12 +175,8 @@ def train_attentive_probe(
                 idx = perm[i * batch_size : (i + 1) * batch_size]
                 if len(idx) < 2:
                     continue
-                if step < warmup:
-                    scale = (step + 1) / warmup
-                else:
-                    scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
                 for group in opt.param_groups:
-                    group["lr"] = lr * scale
+                    group["lr"] = lr * lr_scale(step, warmup, total)
                 x = z["train"][idx].to(device)
                 loss = F.cross_entropy(probe(x, standardised=True), labels["train"][idx].to(device))
                 opt.zero_grad(set_to_none=True)
@@ -167,11 +188,7 @@ def train_attentive_probe(
         row = {"head": f"attentive_lr{lr:g}", "lr": lr}
         row |= evaluate_probe(probe, {s: z[s] for s in splits[1:]}, {s: labels[s] for s in splits[1:]}, device, True)
         table.append(row)
-    best = max(table, key=lambda r: (r["val_top1"], -r["lr"]))
-    out = {"best": best["head"], "table": table, "val_top1": best["val_top1"], "num_heads": heads}
-    if "test" in splits:
-        out |= {"test_top1": best["test_top1"], "test_top5": best["test_top5"]}
-    return out
+    return best_of(table, heads)
 
 
 def _standardised(tokens: torch.Tensor, dim: int, chunk: int = 4096) -> torch.Tensor:

@@ -16,11 +16,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..checkpoint import atomic_save, read_checkpoint
+from ..checkpoint import atomic_save, load_encoder, read_checkpoint
 from ..device import autocast
 from ..models.vit import VisionTransformer
 
 POOLINGS = ("avg_last", "avg_last4")
+
+
+def frozen_encoders(
+    checkpoint: str | Path, which: str, seed: int, device: torch.device
+) -> dict[str, VisionTransformer]:
+    """{"pretrained": the checkpoint's ``which`` encoder, "random_init": the same architecture initialised from
+    ``seed``}, both in eval mode on ``device``: the two encoders every frozen evaluation compares."""
+    encoder = load_encoder(checkpoint, which=which).eval().to(device)
+    torch.manual_seed(seed)
+    return {"pretrained": encoder, "random_init": VisionTransformer(**encoder.arch()).eval().to(device)}
 
 
 @torch.no_grad()
