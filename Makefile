@@ -60,7 +60,7 @@ ui: $(STAMP) ## serve the MLflow UI for this project's store on http://127.0.0.1
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
 
 test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end runs
 	$(PY) -m pytest -q -m "not slow"
