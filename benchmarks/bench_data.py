@@ -40,9 +40,10 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ijepa.data import find_fashion_mnist, prepare_image_folder, pretrain_loader, pretrain_transform, read_manifest
-from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, _resize_into, _shared_uint8, decode_array
+from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, _resize_into, decode_array
 from ijepa.data.sources import read_fashion_mnist
 from ijepa.data.tario import tar_samples
+from ijepa.data.workers import _shared_uint8
 
 CROP, BATCH, WORKERS = 224, 64, 2
 SCALING = (1, 2, 4)  # worker processes for the scaling table

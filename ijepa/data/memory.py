@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .loaders import STALL_TIMEOUT, _image_bytes, _seed, build_batch, decode_array, pretrain_loader
+from .loaders import _image_bytes, build_batch, decode_array, pretrain_loader
 from .tario import tar_samples
+from .workers import STALL_TIMEOUT, _seed
 
 
 @dataclass(frozen=True)

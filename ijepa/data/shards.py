@@ -24,7 +24,6 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ..errors import DataError
-from .loaders import worker_context
 from .sources import (
     FASHION_MNIST_CLASSES,
     Clean,
@@ -34,6 +33,7 @@ from .sources import (
     sanitize_image,
     scan_image_folder,
 )
+from .workers import worker_context
 
 MANIFEST = "manifest.json"
 _MTIME = 0  # fixed integer tar header time: reproducible bytes, and no PAX header per member (a float forces one)

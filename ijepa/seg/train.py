@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
-from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, worker_context
+from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from ..data.workers import worker_context
 from ..device import autocast
 from ..distributed import all_reduce_mean, broadcast_buffers, ddp
 from ..engine import NonFiniteLossError
