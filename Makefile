@@ -10,15 +10,19 @@ export PYTHONPATH := $(CURDIR)
 # DVC runs `python -m stages.<name>`: the project's .venv must come first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 UI_PORT ?= 5000
+SERVE_PORT ?= 5001
+MODEL ?= models:/ijepa-classifier@repro
+TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+REMOTE ?= $(CURDIR)/../ijepa-dvc-remote
 SEEDS ?= 0 1 2
 OBJECTIVE ?= ijepa
 STAGE ?= pretrain
 PREFIX ?= seeds
 
-.PHONY: help setup repro seeds seed-table monitor-collapse params test test-fast lint format bench ui clean pretrain-slurm stage-slurm bench-gpu slurm-up slurm-down
+.PHONY: help setup repro seeds seed-table monitor-collapse params test test-fast lint format bench ui serve remote clean pretrain-slurm stage-slurm bench-gpu slurm-up slurm-down
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}' | sed 's/$$(UI_PORT)/$(UI_PORT)/'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}' | sed 's/$$(UI_PORT)/$(UI_PORT)/; s/$$(SERVE_PORT)/$(SERVE_PORT)/'
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh scripts/install_system_deps.sh
 	bash scripts/setup.sh
@@ -58,6 +62,13 @@ params: $(STAMP) ## recompose params.yaml from params/ (what `dvc exp run` does)
 
 ui: $(STAMP) ## serve the MLflow UI for this project's store on http://127.0.0.1:$(UI_PORT)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+serve: $(STAMP) ## serve a registered model over HTTP on http://127.0.0.1:$(SERVE_PORT) (MODEL=models:/ijepa-classifier@repro)
+	MLFLOW_TRACKING_URI=$(TRACKING_URI) mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+
+remote: $(STAMP) ## make REMOTE (a folder or any DVC URL; default ../ijepa-dvc-remote) the default DVC remote, for dvc push / pull
+	dvc remote add --force --default shared "$(REMOTE)"
+	@echo "remote: 'shared' -> $(REMOTE) in .dvc/config (commit it to share); now dvc push, and dvc pull in another clone"
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -q --durations=20

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from PIL import Image
 from ijepa import load_encoder
 
 from .test_data import mini_fashion_mnist
+from .test_distributed import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -175,9 +178,8 @@ print(json.dumps(out))
 """
 
 
-def test_make_repro_registers_three_models_that_predict_like_the_commands(repo, tmp_path):
-    """The workspace run registered ijepa-encoder/-classifier/-segmenter under the alias `repro`; the classifier
-    loaded as an MLflow pyfunc predicts on an image batch the classes `ijepa classify` writes."""
+def classified_test_images(repo: Path, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """Six test images of the chain's shards written as PNG files, and the class `ijepa classify` gives each."""
     import csv
 
     from ijepa.data import shard_urls
@@ -185,8 +187,6 @@ def test_make_repro_registers_three_models_that_predict_like_the_commands(repo, 
 
     urls = shard_urls(repo / "data/shards", "test")
     keys = [f"{i:08d}" for i in range(6)]
-    from PIL import Image
-
     images = tmp_path / "images"
     images.mkdir()
     for key, img in read_images(urls, keys).items():
@@ -195,7 +195,13 @@ def test_make_repro_registers_three_models_that_predict_like_the_commands(repo, 
     sh(repo, sys.executable, "-m", "ijepa.cli", "classify", "--checkpoint", "models/finetune/classifier.pth",
        "--input", str(images), "--output", str(tmp_path / "p.csv"))  # fmt: skip
     with open(tmp_path / "p.csv") as f:
-        by_path = {r["path"]: r["prediction"] for r in csv.DictReader(f)}
+        return files, {r["path"]: r["prediction"] for r in csv.DictReader(f)}
+
+
+def test_make_repro_registers_three_models_that_predict_like_the_commands(repo, tmp_path):
+    """The workspace run registered ijepa-encoder/-classifier/-segmenter under the alias `repro`; the classifier
+    loaded as an MLflow pyfunc predicts on an image batch the classes `ijepa classify` writes."""
+    files, by_path = classified_test_images(repo, tmp_path)
     served = json.loads(sh(repo, sys.executable, "-c", SERVE, *files).stdout)
     assert served["versions"] == {
         "ijepa-encoder": "pretrain", "ijepa-classifier": "finetune", "ijepa-segmenter": "seg_train"
@@ -203,6 +209,90 @@ def test_make_repro_registers_three_models_that_predict_like_the_commands(repo, 
     assert all("uint8" in sig for sig in served["signatures"].values()), served["signatures"]
     assert served["classes"] == [by_path[f] for f in files]
     assert served["feature_shape"][0] == len(files)
+
+
+def post(port: int, body: str) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", body.encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_make_serve_answers_like_ijepa_classify_and_refuses_bad_requests(repo, tmp_path):
+    """`make serve` (MLflow's server on loopback) serves the registered classifier: real images in, the classes
+    `ijepa classify` gives out; malformed requests get a 400 with the reason, and the server keeps serving."""
+    from ijepa.data.loaders import EvalTransform, build_batch
+    from ijepa.finetune import load_classifier
+    from ijepa.inference import read_bgr
+
+    files, by_path = classified_test_images(repo, tmp_path)
+    _, names, pre = load_classifier(repo / "models/finetune/classifier.pth")
+    rgb = build_batch([read_bgr(f) for f in files], EvalTransform(pre.crop_size, pre.resize_size)).numpy()[..., ::-1]
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MAKEFLAGS", "MFLAGS")}
+    server = subprocess.Popen(
+        ["make", "-s", "-C", str(ROOT), "serve", f"SERVE_PORT={port}", f"TRACKING_URI=sqlite:///{repo}/mlflow.db"],
+        env=env | {"MLFLOW_DISABLE_TELEMETRY": "true"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "make serve did not answer in 180 s"
+                time.sleep(1)
+        status, out = post(port, json.dumps({"inputs": rgb.tolist()}))
+        assert status == 200, out
+        probs = np.array(out["predictions"])
+        assert probs.shape == (len(files), len(names)) and np.allclose(probs.sum(1), 1, atol=1e-4)
+        assert [names[i] for i in probs.argmax(1)] == [by_path[f] for f in files]
+        bad = {
+            "no channel axis": json.dumps({"inputs": rgb[..., 0].tolist()}),
+            "another image size": json.dumps({"inputs": np.zeros((1, 64, 64, 3), int).tolist()}),
+            "values outside 0-255": json.dumps({"inputs": (rgb.astype(int) - 300).tolist()}),
+            "not JSON": "images please",
+        }
+        for what, body in bad.items():
+            status, out = post(port, body)
+            assert status == 400 and out["message"], (what, status, out)
+        assert "out of bounds for uint8" in post(port, bad["values outside 0-255"])[1]["message"]
+        assert "valid JSON" in post(port, bad["not JSON"])[1]["message"]
+        status, out = post(port, json.dumps({"inputs": rgb[:2].tolist()}))  # still serving
+        assert status == 200 and len(out["predictions"]) == 2
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_a_teammate_pulls_the_chain_from_a_remote_into_another_folder(repo, tmp_path):
+    """`make remote` + `dvc push` from a finished chain; a clone in another folder pulls, `dvc status` reports
+    everything up to date and `dvc repro` runs nothing (the downstream stages start from the pulled encoder)."""
+    mine = tmp_path / "mine"
+    shutil.copytree(repo, mine, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    sh(mine, "make", "-s", "-o", ".venv/.installed", "remote", f"REMOTE={tmp_path / 'remote'}")
+    sh(mine, "git", "add", "-A")
+    sh(mine, "git", "commit", "-qm", "chain results and the remote")
+    sh(mine, "dvc", "push")
+    theirs = tmp_path / "elsewhere" / "theirs"
+    theirs.parent.mkdir()
+    sh(tmp_path, "git", "clone", "-q", str(mine), str(theirs))
+    assert not (theirs / "models/pretrain").exists()
+    sh(theirs, "dvc", "pull")
+    assert (theirs / "models/pretrain/jepa-latest.pth.tar").read_bytes() == (
+        mine / "models/pretrain/jepa-latest.pth.tar"
+    ).read_bytes()
+    status = sh(theirs, "dvc", "status")
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    again = sh(theirs, "dvc", "repro")
+    assert "Running stage" not in again.stdout and "Data and pipelines are up to date" in again.stdout
 
 
 def test_a_failed_prepare_keeps_the_previous_shards(repo):
