@@ -1,7 +1,8 @@
 """Models packaged for serving (MLflow models, any runtime that feeds tensors): uint8 RGB images in, predictions
 out, with the normalisation inside, so a caller needs no project code to prepare inputs.
 
-Inputs are (B, H, W, 3) uint8 RGB at the model's input size: for the encoder and the classifier the evaluation
+Inputs are (B, H, W, 3) RGB values 0-255 at the model's input size (uint8, or a float or integer tensor holding
+integers 0-255; anything else is refused): for the encoder and the classifier the evaluation
 crop (resize the short side to ``resize_size``, centre-crop ``crop_size``, as ``ijepa classify`` does); for the
 segmenter the segmenter's (height, width).
 """
@@ -24,8 +25,16 @@ class _Served(nn.Module):
         self.register_buffer("std", 255.0 * torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 RGB images (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected RGB images (B, H, W, 3), got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8:  # the served signature is float32 (see pipeline.models.register_model)
+            x = images.double()
+            # an assertion inside the graph, not a Python branch on the values: MLflow serves the model as a
+            # torch.export program, which keeps no data-dependent Python control flow
+            torch._assert_async(
+                ((x == x.round()) & (x >= 0) & (x <= 255)).all(),
+                "expected RGB values as integers 0-255 (uint8 images); some are not: scaled to 0-1 or normalised?",
+            )
         return (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
 
 

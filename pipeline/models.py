@@ -28,7 +28,10 @@ def register_model(tracker, ctx: StageContext, tracking: TrackingParams, kind: s
 
     Args:
         kind: "encoder", "classifier" or "segmenter" (``ijepa.serving.served``).
-        example: uint8 RGB images (B, H, W, 3) at the model's input size.
+        example: uint8 RGB images (B, H, W, 3) at the model's input size (logged as float32 values 0-255).
     """
     alias = tracking.model_alias if ctx.exp_name is None else None
-    tracker.log_model(served(kind, model), f"ijepa-{kind}", example, alias)
+    # A float32 signature, not uint8: MLflow's server parses a JSON request into the signature's dtype, and into
+    # uint8 it would silently truncate fractional values (images scaled to 0-1); as float32 they reach the model,
+    # which refuses anything but integers 0-255. A numpy caller passes float32 (MLflow refuses uint8 for it, loudly).
+    tracker.log_model(served(kind, model), f"ijepa-{kind}", example.astype(np.float32), alias)

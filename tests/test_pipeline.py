@@ -170,9 +170,10 @@ for name in ("ijepa-encoder", "ijepa-classifier", "ijepa-segmenter"):
     mv = client.get_model_version_by_alias(name, "repro")
     out["versions"][name] = client.get_run(mv.run_id).data.tags["ijepa.stage"]
     out["signatures"][name] = str(mlflow.models.get_model_info(f"models:/{name}@repro").signature.inputs)
-probs = mlflow.pyfunc.load_model("models:/ijepa-classifier@repro").predict(np.ascontiguousarray(rgb))
+rgb = np.ascontiguousarray(rgb, dtype=np.float32)  # the signature's float32, values 0-255
+probs = mlflow.pyfunc.load_model("models:/ijepa-classifier@repro").predict(rgb)
 out["classes"] = [names[i] for i in np.asarray(probs).argmax(1)]
-features = mlflow.pyfunc.load_model("models:/ijepa-encoder@repro").predict(np.ascontiguousarray(rgb))
+features = mlflow.pyfunc.load_model("models:/ijepa-encoder@repro").predict(rgb)
 out["feature_shape"] = list(np.asarray(features).shape)
 print(json.dumps(out))
 """
@@ -206,7 +207,8 @@ def test_make_repro_registers_three_models_that_predict_like_the_commands(repo, 
     assert served["versions"] == {
         "ijepa-encoder": "pretrain", "ijepa-classifier": "finetune", "ijepa-segmenter": "seg_train"
     }  # fmt: skip
-    assert all("uint8" in sig for sig in served["signatures"].values()), served["signatures"]
+    # float32 values 0-255: MLflow's JSON parsing would truncate fractions into a uint8 signature unseen
+    assert all("float32" in sig for sig in served["signatures"].values()), served["signatures"]
     assert served["classes"] == [by_path[f] for f in files]
     assert served["feature_shape"][0] == len(files)
 
@@ -259,12 +261,15 @@ def test_make_serve_answers_like_ijepa_classify_and_refuses_bad_requests(repo, t
             "another image size": json.dumps({"inputs": np.zeros((1, 64, 64, 3), int).tolist()}),
             "values outside 0-255": json.dumps({"inputs": (rgb.astype(int) - 300).tolist()}),
             "not JSON": "images please",
+            "images scaled to 0-1": json.dumps({"inputs": (rgb / 255.0).tolist()}),
         }
         for what, body in bad.items():
             status, out = post(port, body)
             assert status == 400 and out["message"], (what, status, out)
-        assert "out of bounds for uint8" in post(port, bad["values outside 0-255"])[1]["message"]
+        # the model's own check: MLflow's generic message, the model's reason in the response's stack_trace
+        assert "expected RGB values as integers 0-255" in post(port, bad["values outside 0-255"])[1]["stack_trace"]
         assert "valid JSON" in post(port, bad["not JSON"])[1]["message"]
+        assert "scaled to 0-1 or normalised?" in post(port, bad["images scaled to 0-1"])[1]["stack_trace"]
         status, out = post(port, json.dumps({"inputs": rgb[:2].tolist()}))  # still serving
         assert status == 200 and len(out["predictions"]) == 2
     finally:
