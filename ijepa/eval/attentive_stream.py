@@ -40,18 +40,17 @@ def batch_tokens(
 ) -> dict[str, torch.Tensor]:
     """Normalised images (B, 3, H, W) -> name -> standardised float32 tokens (B, L, D): an encoder's last
     layer (rounded to float16, as the cache keeps them), or for ``None`` the pixels' p x p patches."""
-    out = {}
-    with autocast(device, bf16):
+    raw = {}
+    with autocast(device, bf16):  # the encoders' pass; the standardisation below in float32, as the cache's
         for name, enc in encoders.items():
-            t = pixel_tokens(x, patch_size) if enc is None else pooled_features(enc, x, tokens=True)["tokens"]
-            out[name] = F.layer_norm(t.float(), (t.shape[-1],), eps=EPS)
-    return out
+            raw[name] = pixel_tokens(x, patch_size) if enc is None else pooled_features(enc, x, tokens=True)["tokens"]
+    return {name: F.layer_norm(t.float(), (t.shape[-1],), eps=EPS) for name, t in raw.items()}
 
 
 def _average_gradients(params: Sequence[torch.Tensor]) -> None:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank (one graph)
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
