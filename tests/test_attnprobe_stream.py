@@ -4,7 +4,6 @@ same probes within noise, resumed bit-exact after a stop, and 2 gloo ranks equal
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 
 from ijepa.data import eval_loader, eval_transform, prepare_image_folder, pretrain_loader, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
-from ijepa.distributed import DistEnv, init_distributed, shutdown
+from ijepa.distributed import shutdown
 from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.attentive_stream import batch_tokens, train_attentive_probes_streaming
 from ijepa.eval.features import extract_features
@@ -20,6 +19,7 @@ from ijepa.models.vit import VisionTransformer
 
 from .test_data import make_folder
 from .test_distributed import _free_port
+from .test_distributed_downstream import _join
 
 CROP, PATCH = 16, 4
 CPU = torch.device("cpu")
@@ -108,8 +108,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def _ranks(rank: int, world: int, port: int, out: str) -> None:
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    init_distributed(DistEnv(rank, world, rank), torch.device("cpu"))
+    _join(rank, world, port)
     res = _fixed_batches(rank, world, Path(out))
     Path(out, f"result-{rank}.json").write_text(json.dumps(res))
     shutdown()
@@ -122,14 +121,13 @@ def _fixed_batches(rank: int, world: int, out: Path) -> dict:
     val = torch.randint(0, 256, (10, CROP, CROP, 3), dtype=torch.uint8, generator=g), torch.arange(10) % 3
     share = 8 // world
     mine = slice(rank * share, (rank + 1) * share)
-    result = train_attentive_probes_streaming(
+    return train_attentive_probes_streaming(
         encoders(),
         train_batches=lambda epoch: ((images[s, mine], labels[s, mine]) for s in range(3)),
         eval_batches=lambda split: [(val[0][rank::world], val[1][rank::world], [])],
         eval_splits=["val"], prepare=Normalize(), num_classes=3, steps_per_epoch=3, state_path=out / "state.pt",
         is_main=rank == 0, **PROBE | {"epochs": 2},
     )  # fmt: skip
-    return result
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
