@@ -73,8 +73,8 @@ remote: $(STAMP) ## make REMOTE (a folder or any DVC URL; default ../ijepa-dvc-r
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -q --durations=20
 
-test-fast: $(STAMP) ## the test suite without the slow end-to-end runs
-	$(PY) -m pytest -q -m "not slow"
+test-fast: $(STAMP) ## the edit-run loop: every test but the DVC chains, SLURM and the ones that start processes
+	$(PY) -m pytest -q -m "not slow and not process" --durations=5
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -130,6 +131,7 @@ def _fixed_batches(rank: int, world: int, out: Path) -> dict:
     )  # fmt: skip
 
 
+@pytest.mark.process
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     (tmp_path / "ddp").mkdir()
     mp.spawn(_ranks, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)

@@ -474,6 +474,7 @@ for rep in range(4):
 """
 
 
+@pytest.mark.process
 def test_loaders_do_not_hang_after_the_parent_used_opencv_and_torch_threads(tmp_path):
     """Workers forked from a process whose OpenCV thread pool had run hung forever in their first OpenCV call
     (a lock held at fork time); they now start from a fork server. Repeated passes in a fresh interpreter that

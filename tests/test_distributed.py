@@ -86,6 +86,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cuda: bool = False) 
     shutdown()
 
 
+@pytest.mark.process
 def test_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     single = _train(0, 1, tmp_path / "single")
@@ -101,6 +102,7 @@ def test_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_path):
             torch.testing.assert_close(a[key][name], t, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
 
 
+@pytest.mark.process
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_two_nccl_ranks_equal_one_gpu_over_the_combined_batch(tmp_path):
@@ -226,6 +228,7 @@ def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
     assert not torch.equal(_weights(root)["module.patch_embed.proj.weight"], before["module.patch_embed.proj.weight"])
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streaming"])
 def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path, in_memory):
@@ -268,6 +271,7 @@ def _slurm_running() -> bool:
     return shutil.which("sinfo") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
 
 
+@pytest.mark.process
 @pytest.mark.slurm
 @pytest.mark.skipif(os.geteuid() != 0, reason="starting a local SLURM needs root")
 def test_two_task_pretraining_on_a_real_one_node_slurm(tmp_path):

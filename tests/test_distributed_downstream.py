@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -29,6 +30,8 @@ from stages import pretrain as pretrain_stage
 
 from .test_distributed import _free_port, _project
 from .test_seg import CLASSES, _scenes
+
+pytestmark = pytest.mark.process
 
 FULL, STEPS = 8, 3
 

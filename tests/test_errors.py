@@ -30,6 +30,8 @@ from ijepa.seg.train import SegPreprocess, save_segmenter
 from .test_data import CLASSES, make_folder
 from .test_stages import official_checkpoint
 
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parent.parent
 BOMB_SIDE = 30000  # 900 Mpixels: 2.7 GB as BGR, in a file under 1 MB
 

@@ -105,6 +105,7 @@ def test_pretrain_stage_logs_health_rows_metrics_and_plots(stage_project):
     assert (root / "plots/pretrain_monitor.png").stat().st_size > 1000
 
 
+@pytest.mark.process
 def test_collapse_floor_warns_or_stops_with_one_line(stage_project, tmp_path):
     root, params = stage_project
     params = yaml.safe_load(yaml.safe_dump(params))

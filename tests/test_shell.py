@@ -11,6 +11,8 @@ import pytest
 
 from .test_stages import official_checkpoint
 
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parent.parent
 ACTIVATE = "source .venv/bin/activate"
 

@@ -51,7 +51,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
     workers get the loader's dataset by pickling, as with ``spawn``.
 
     As with ``spawn``, the training script's module is imported in the server: a script that builds a
-    loader must keep its top-level work under ``if __name__ == "__main__":``. Stages and the CLI do.
+    loader must keep its top-level work under ``if __name__ == "__main__":``. Stages and the CLI do. For the
+    same reason (Python's, for every start method but ``fork``) a script read from standard input
+    (``python - < script.py``) cannot start workers: run it from a file.
     """
     ctx = multiprocessing.get_context("forkserver")
     preload = [f"{__package__}.loaders"]  # what the workers run: imported once, in the server
