@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_save
+from ..checkpoint import atomic_save, read_checkpoint
 from ..device import autocast
 from ..distributed import all_reduce_sum
 from ..models.vit import VisionTransformer
@@ -190,8 +190,8 @@ def _resume(probes: dict, state_path: str | Path | None, key: str) -> int:
     """Load the probes and optimisers of a resume file with this ``key``: the epochs it finished (else 0)."""
     if state_path is None or not Path(state_path).is_file():
         return 0
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if state.get("key") != key:
+    state = read_checkpoint(state_path, what="attentive-probe resume file", keys=("key", "epochs_done", "probes"))
+    if state["key"] != key:
         return 0
     for name, saved in state["probes"].items():
         for (probe, opt), (p_state, o_state) in zip(probes[name], saved, strict=True):
