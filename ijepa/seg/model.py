@@ -93,7 +93,10 @@ class SegmentationModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, layers * D, h, w) from the known token grid (h, w) = (H / p, W / p), never sqrt(N)."""
         h, w = self.encoder.grid_for(x.shape[-2], x.shape[-1])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+        if self.freeze_encoder and torch.is_grad_enabled():
+            with torch.no_grad():
+                outs = self.encoder.get_intermediate_layers(x, self.layers)
+        else:  # no grad-mode switch where none is needed: torch.export records one as a node that its loader refuses
             outs = self.encoder.get_intermediate_layers(x, self.layers)
         tokens = torch.cat(outs, dim=-1)
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
