@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, clean_state_dict, read_checkpoint
 from .models.vit import VisionTransformer
+from .torchfile import CheckpointError, clean_state_dict, read_checkpoint
 
 LAYOUTS = ("ijepa", "timm", "hf")
 _HF_PREFIXES = ("ijepa.", "model.")
