@@ -80,7 +80,7 @@ def _search(args: argparse.Namespace) -> int:
     index = SearchIndex.load(args.index)
     meta = index.meta
     device = pick_device(args.device)
-    encoder = load_encoder(args.checkpoint or meta["checkpoint"], which=meta["which"]).to(device)
+    encoder = load_encoder(args.checkpoint or index.encoder_checkpoint(args.index), which=meta["which"]).to(device)
     with torch.no_grad():
         x = preprocess_batch([arr], Preprocess(meta["crop_size"], meta["resize_size"]), device)
         q = pooled_features(encoder, x)[meta["pooling"]]

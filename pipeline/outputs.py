@@ -10,6 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
+def stored_path(path: str | Path, root: str | Path) -> str:
+    """How an output records a path: relative to the repository ``root`` (posix) when it lies inside it, so a
+    clone in another folder writes the same bytes; absolute otherwise (an official checkpoint elsewhere)."""
+    path, root = Path(path).absolute(), Path(root).absolute()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def write_json(path: str | Path, obj) -> Path:
     """Write JSON atomically (temporary file + rename)."""
     path = Path(path)

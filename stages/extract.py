@@ -20,7 +20,7 @@ from ijepa.data.loaders import Normalize
 from ijepa.distributed import gather_to_main
 from ijepa.eval.features import extract_features, frozen_encoders, merge_features, save_features
 from pipeline.distributed import distributed_stage
-from pipeline.outputs import write_json
+from pipeline.outputs import stored_path, write_json
 from pipeline.params import section
 from pipeline.stage import main
 
@@ -72,7 +72,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
     if not ctx.is_main:
         return {"world_size": ctx.world_size}
     meta = {
-        "checkpoint": str(ckpt),
+        "checkpoint": stored_path(ckpt, ctx.root),  # repo-relative: the same bytes in any clone
         "which": p.which,
         "arch": encoder.arch(),
         "crop_size": crop,

@@ -54,6 +54,18 @@ class SearchIndex:
         d = read_checkpoint(path, what="search index", keys=("embeddings", "keys", "labels", "sources", "meta"))
         return cls(d["embeddings"], d["keys"], d["labels"], d["sources"], d["meta"])
 
+    def encoder_checkpoint(self, index_path: str | Path) -> Path:
+        """The encoder checkpoint recorded in ``meta``. A relative path (the stages record one relative to the
+        repository, so that every clone writes the same index) is found from the working directory, else from
+        the folders holding the index, nearest first; a path found nowhere is returned as recorded."""
+        recorded = Path(self.meta["checkpoint"])
+        if recorded.is_absolute() or recorded.exists():
+            return recorded
+        for folder in Path(index_path).absolute().parents:
+            if (folder / recorded).exists():
+                return folder / recorded
+        return recorded
+
     def use_faiss(self, nlist: int = 256, nprobe: int = 16) -> None:
         """Switch to an approximate faiss IVF inner-product index (for galleries too large for exact search)."""
         try:
