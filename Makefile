@@ -70,8 +70,8 @@ remote: $(STAMP) ## make REMOTE (a folder or any DVC URL; default ../ijepa-dvc-r
 	dvc remote add --force --default shared "$(REMOTE)"
 	@echo "remote: 'shared' -> $(REMOTE) in .dvc/config (commit it to share); now dvc push, and dvc pull in another clone"
 
-test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -q --durations=20
+test: $(STAMP) ## run the whole test suite (two pytest-xdist workers; COV=1 adds line coverage of the three packages)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(if $(COV),--cov=ijepa --cov=pipeline --cov=stages --cov-report=term)
 
 test-fast: $(STAMP) ## the edit-run loop: every test but the DVC chains, SLURM and the ones that start processes
 	$(PY) -m pytest -q -m "not slow and not process" --durations=5

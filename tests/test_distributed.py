@@ -228,13 +228,36 @@ def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
     assert not torch.equal(_weights(root)["module.patch_embed.proj.weight"], before["module.patch_embed.proj.weight"])
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streaming"])
+def test_a_preempted_pretrain_stage_resumes_mid_epoch_to_the_uninterrupted_result(tmp_path, monkeypatch, in_memory):
+    """The stage stopped by a preemption request in the middle of its second epoch (the flag USR2 sets under
+    submitit), then run again, ends bit-identical to an uninterrupted run with one step row per step: for the
+    decoded split and for the streaming loader. The submitit test below runs the streaming one under real requeues."""
+    from pipeline import preemption
+
+    root, params = _project(tmp_path / "cut", 2, in_memory)
+    ref_root, ref_params = _project(tmp_path / "ref", 2, in_memory)
+    ref = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=ref_root, params=ref_params)
+    asked = iter(range(10**6))
+    monkeypatch.setattr(preemption, "requested", lambda: next(asked) == 30)  # 22 steps per epoch
+    cut = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert cut["stopped"] and 22 < cut["steps"] < 44, cut
+    assert load_checkpoint_meta(root / "models/pretrain/jepa-latest.pth.tar")["step"] == cut["steps"]
+    monkeypatch.setattr(preemption, "requested", lambda: False)
+    done = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert done["steps"] == ref["steps"] == 44 and done["final_loss"] == ref["final_loss"]
+    for name, t in _weights(ref_root).items():
+        assert torch.equal(_weights(root)[name], t), name
+    rows = (root / "metrics/pretrain_steps.csv").read_text().splitlines()
+    assert rows == (ref_root / "metrics/pretrain_steps.csv").read_text().splitlines() and len(rows) == 1 + 44
+
+
 @pytest.mark.process
 @pytest.mark.slow
-@pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streaming"])
-def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path, in_memory):
-    """2 local tasks under submitit; USR2 arrives half-way through the uninterrupted run's time, on every run:
-    stop, save, requeue, resume, until done."""
-    epochs = 36  # ~400 steps
+def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path):
+    """2 local tasks under submitit, the streaming loader; USR2 arrives half-way through the uninterrupted run's
+    time, on every run: stop, save, requeue, resume, until done (the decoded split resumes exactly too: above)."""
+    epochs, in_memory = 36, False  # ~400 steps
     root, params = _project(tmp_path / "cut", epochs, in_memory)
     ref_root, ref_params = _project(tmp_path / "ref", epochs, in_memory)
     lp = section(params, "launcher")
