@@ -25,6 +25,7 @@ from .device import autocast
 from .distributed import all_reduce_mean, all_reduce_sum, unwrap
 from .engine import NonFiniteLossError
 from .models.vit import VisionTransformer
+from .rng import every_rank_rng_state, set_this_rank_rng_state
 
 CLASSIFIER_FORMAT = "ijepa-classifier"
 
@@ -275,7 +276,9 @@ def train_classifier(
     is_main: bool = True,
     on_epoch=None,
     progress=None,
-) -> dict:
+    state=None,
+    should_stop=None,
+) -> dict | None:
     """Finetune, evaluate on val after every epoch and keep the best checkpoint by val top-1.
 
     Distributed: ``model`` wrapped by ``ijepa.distributed.ddp``, each rank's ``train_batches`` its share of
@@ -291,8 +294,13 @@ def train_classifier(
         prepare: loader images -> normalised model input on ``device``.
         best_path: where the best classifier is saved (atomically).
         on_epoch: callback(epoch, {"train_loss", "lr", "val_top1", ...}); progress: callback per step.
+        state: where the run is saved after every epoch and resumed from (``load() -> dict | None``,
+            ``save(dict)``; ``pipeline.resume.EpochState``): model, optimiser, EMA, step, best so far, history and
+            the random generators, so a resumed run ends bit-identical to an uninterrupted one on the CPU
+            (``best_path`` must survive with it).
+        should_stop: asked after every epoch (once its state is saved), the same answer on every rank.
     Returns:
-        {"best_epoch", "val_top1", "val_top5", "lr", "history"}.
+        {"best_epoch", "val_top1", "val_top5", "lr", "history"}, or None when ``should_stop`` stopped it.
     """
     eff_batch = spec.batch_size * spec.accum_steps * world_size
     lr = spec.blr * eff_batch / 256
@@ -303,8 +311,16 @@ def train_classifier(
     mix = MixTargets(core.head.out_features, spec.mixup, spec.cutmix, spec.label_smoothing)
     ema = ema_copy(core) if spec.model_ema else None
     total, warmup = spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch)
-    step, best, history = 0, {"val_top1": -1.0}, []
-    for epoch in range(spec.epochs):
+    step, best, history, start = 0, {"val_top1": -1.0}, [], 0
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        core.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        step, best, history, start = saved["step"], saved["best"], saved["history"], saved["epochs_done"]
+        set_this_rank_rng_state(saved["rng"])
+    for epoch in range(start, spec.epochs):
         model.train()
         micro, losses = [], []
         for imgs, labels in train_batches(epoch):
@@ -345,4 +361,12 @@ def train_classifier(
                     )
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
+        if state is not None:
+            state.save(
+                {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
+                 "history": history, "epochs_done": epoch + 1, "rng": every_rank_rng_state()}
+                | ({"ema": ema.state_dict()} if ema is not None else {})
+            )  # fmt: skip
+        if should_stop is not None and epoch + 1 < spec.epochs and should_stop():
+            return None
     return best | {"lr": lr, "history": history, "steps": step}

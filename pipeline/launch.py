@@ -8,10 +8,11 @@ can record the outputs afterwards; only the ``launcher`` section may be changed 
 ``launcher=slurm`` loads ``params/launcher/slurm.yaml``; ``launcher.nodes=2`` sets one key).
 
 Every task runs ``StageJob``: it exports the torch.distributed variables from the SLURM environment and runs
-the stage (DDP, rank 0 writes). Pretraining also handles SLURM's warning signal (USR2, ``signal_delay_s``
-before the time limit, or on preemption): it stops at the next step boundary, saves, and requeues itself;
-the requeued job resumes from that checkpoint, mid-epoch included, exactly as if it had not stopped. The
-other stages keep no mid-run state: on the signal submitit requeues them and they start again.
+the stage (DDP, rank 0 writes). The training stages also handle SLURM's warning signal (USR2, ``signal_delay_s``
+before the time limit, or on preemption; ``pipeline.resume``): pretraining stops at the next step boundary,
+finetune, seg_train and the streaming attnprobe at the next epoch end; each saves and requeues itself, and the
+requeued job resumes from there exactly as if it had not stopped. extract keeps no mid-run state: on the signal
+submitit requeues it and it starts again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .schema import ParamError
 from .stage import run_stage
 
 STAGES = ("pretrain", "finetune", "extract", "seg_train", "attnprobe")  # the stages that run on several processes
-RESUMING = ("pretrain", "attnprobe")  # stop at a step (epoch) boundary on SLURM's warning, save, requeue
+RESUMING = ("pretrain", "attnprobe", "finetune", "seg_train")  # stop at a step or epoch boundary, save, requeue
 
 
 def stage_module(stage: str):

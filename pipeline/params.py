@@ -70,6 +70,16 @@ class ModelParams:
     def overrides(self) -> dict:
         return {} if self.depth is None else {"depth": self.depth}
 
+    def spec(self, data: DataParams, objective: ObjectiveParams):
+        """The ``ijepa.pretrain.ModelSpec`` of these params on ``data``'s images."""
+        from ijepa.pretrain import ModelSpec
+
+        return ModelSpec(
+            name=self.name, patch_size=data.patch_size, img_size=data.crop_size, in_chans=3,
+            pred_depth=self.pred_depth, pred_emb_dim=self.pred_emb_dim, overrides=self.overrides(),
+            objective=objective.spec(),
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class MaskParams:
@@ -93,6 +103,16 @@ class OptimParams:
     ema: tuple[float, float] = spec((0.996, 1.0), lambda e: 0 <= e[0] <= e[1] <= 1, "satisfy 0 <= start <= end <= 1")
     ipe_scale: float = spec(1.0, positive, "be > 0")
     bf16: bool = True
+
+    def spec(self, epochs: int):
+        """The ``ijepa.pretrain.OptimSpec`` of these params over ``epochs``."""
+        from ijepa.pretrain import OptimSpec
+
+        return OptimSpec(
+            epochs=epochs, warmup=self.warmup, start_lr=self.start_lr, lr=self.lr, final_lr=self.final_lr,
+            weight_decay=self.weight_decay, final_weight_decay=self.final_weight_decay, ema=self.ema,
+            ipe_scale=self.ipe_scale, bf16=self.bf16,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -314,6 +334,17 @@ class FinetuneParams:
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     log_model: bool = True  # the classifier as an MLflow model, registered as ijepa-classifier
 
+    def spec(self):
+        """The ``ijepa.finetune.FinetuneSpec`` of these params."""
+        from ijepa.finetune import FinetuneSpec
+
+        return FinetuneSpec(
+            epochs=self.epochs, batch_size=self.batch_size, accum_steps=self.accum_steps, blr=self.blr,
+            min_lr=self.min_lr, warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay,
+            layer_decay=self.layer_decay, label_smoothing=self.label_smoothing, mixup=self.mixup, cutmix=self.cutmix,
+            model_ema=self.model_ema, ema_decay=self.ema_decay, bf16=self.bf16, random_erasing=self.random_erasing,
+        )  # fmt: skip
+
 
 SECTIONS["finetune"] = FinetuneParams
 
@@ -395,6 +426,16 @@ class SegTrainParams:
     num_workers: int = spec(1, non_negative, "be >= 0")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     log_model: bool = True  # the pretrained-encoder segmenter as an MLflow model, registered as ijepa-segmenter
+
+    def spec(self):
+        """The ``ijepa.seg.train.SegTrainSpec`` of these params."""
+        from ijepa.seg.train import SegTrainSpec
+
+        return SegTrainSpec(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr,
+            weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs, schedule=self.schedule,
+            encoder_lr_scale=self.encoder_lr_scale, bf16=self.bf16, num_workers=self.num_workers,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

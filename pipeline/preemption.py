@@ -18,7 +18,7 @@ _previous: dict[int, object] = {}
 
 
 def _record(signum, frame) -> None:
-    print(f"preemption: caught {signal.Signals(signum).name}; stopping at the next step boundary", flush=True)
+    print(f"preemption: caught {signal.Signals(signum).name}; stopping at the next step or epoch boundary", flush=True)
     _requested.set()
 
 

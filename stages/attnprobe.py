@@ -6,7 +6,7 @@ Two sources of tokens, by ``extract.tokens``: the token cache the extract stage 
 or, with ``extract.tokens: false`` (ImageNet, whose cache would take 840 GB), tokens computed on the fly by the
 frozen encoders from the shards, with extract's checkpoint, crop, loader and bf16 settings
 (``ijepa.eval.attentive_stream``). The streaming path runs on several processes (torchrun, or
-``make stage-slurm STAGE=attnprobe``), saves its probes after every epoch to ``models/attnprobe/resume.pt``
+``make stage-slurm STAGE=attnprobe``), saves its probes after every epoch to ``models/resume/attnprobe.pt``
 and resumes from there when rerun with the same params, checkpoint and shards (after a kill, a preemption or
 SLURM's USR2, which it answers at the next epoch end).
 """
@@ -24,15 +24,15 @@ from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.attentive_stream import train_attentive_probes_streaming
 from ijepa.eval.features import frozen_encoders, load_features
 from pipeline import preemption
-from pipeline.context import params_hash
 from pipeline.distributed import distributed_stage
 from pipeline.outputs import ENCODER_COLORS, new_figure, save_figure, text_figure, write_json
 from pipeline.params import ParamError, section
+from pipeline.resume import RESUME_DIR, file_key, run_key, shards_key
 from pipeline.stage import main
 
 SECTIONS = ("seed", "attnprobe", "extract", "tracking")
 FEATURES, SHARDS = Path("data/features"), Path("data/shards")
-RESUME = Path("models/attnprobe/resume.pt")  # the streaming path's probes after each epoch (removed at the end)
+RESUME = RESUME_DIR / "attnprobe.pt"  # the streaming path's probes after each epoch (removed at the end)
 ENCODERS = ("pretrained", "random_init", "pixels")
 
 
@@ -90,12 +90,10 @@ def _streamed(params: dict, ctx, p, ex, seed: int, device) -> dict | None:
     shard = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=ex.num_workers, stall_timeout=ex.stall_timeout_s)
     normalize = Normalize()
     # what a resume file must match: every setting that changes a probe, the data and the encoder's weights
-    stat = ckpt.stat()
-    key = params_hash(
-        {s: params[s] for s in ("seed", "attnprobe", "extract")}
-        | {"world_size": ctx.world_size, "train": [s["sha256"] for s in train["shards"]]}
-        | {"checkpoint": [stat.st_size, stat.st_mtime_ns]}
-    )
+    key = run_key(
+        params, ("seed", "attnprobe", "extract"), world_size=ctx.world_size, train=shards_key(train),
+        checkpoint=file_key(ckpt),
+    )  # fmt: skip
     bar = tqdm(total=steps * p.epochs, desc="attnprobe (streaming)", mininterval=5, disable=not ctx.is_main)
     try:
         return train_attentive_probes_streaming(

@@ -14,7 +14,8 @@ import torch
 
 from ijepa.device import pick_device
 from ijepa.seg.data import IGNORE, SegDataset
-from ijepa.seg.train import colorize, evaluate_segmentation, load_segmenter, predict_ids
+from ijepa.seg.infer import colorize, evaluate_segmentation, predict_ids
+from ijepa.seg.model import load_segmenter
 from pipeline.outputs import new_figure, save_figure, write_json
 from pipeline.params import section
 from pipeline.stage import main

@@ -15,18 +15,22 @@ import numpy as np
 import torch
 
 from ijepa.checkpoint import load_encoder
+from ijepa.distributed import any_rank
 from ijepa.models.vit import VisionTransformer
 from ijepa.seg.data import SegDataset, load_class_config
-from ijepa.seg.model import SegmentationModel
-from ijepa.seg.train import SegPreprocess, SegTrainSpec, load_segmenter, save_segmenter, train_segmentation
+from ijepa.seg.model import SegmentationModel, SegPreprocess, load_segmenter, save_segmenter
+from ijepa.seg.train import train_segmentation
+from pipeline import preemption
 from pipeline.distributed import distributed_stage
 from pipeline.models import register_model
 from pipeline.outputs import plot_series, write_json
 from pipeline.params import ParamError, section
+from pipeline.resume import EpochState, file_key, folder_key, run_key
 from pipeline.stage import main
 
 SECTIONS = ("seed", "seg_data", "seg_train", "tracking")
 OUT = Path("models/seg")
+MODELS = ("pretrained", "random_init")
 
 
 def build_models(p, encoder: VisionTransformer, num_classes: int, seed: int) -> dict[str, SegmentationModel]:
@@ -34,7 +38,7 @@ def build_models(p, encoder: VisionTransformer, num_classes: int, seed: int) -> 
     torch.manual_seed(seed)
     random_init = VisionTransformer(**encoder.arch())
     models = {}
-    for name, enc in (("pretrained", encoder), ("random_init", random_init)):
+    for name, enc in zip(MODELS, (encoder, random_init), strict=True):
         torch.manual_seed(seed + 1)  # identical head initialisation for both
         models[name] = SegmentationModel(
             enc,
@@ -63,13 +67,16 @@ def run(params: dict, ctx, tracker, device) -> dict:
         ctx.root / d.train_dir, classes, d.mask_format, (d.height, d.width), train=True, scale=p.scale,
         hflip=p.hflip, seed=seed,
     )  # fmt: skip
-    spec = SegTrainSpec(
-        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, min_lr=p.min_lr, weight_decay=p.weight_decay,
-        warmup_epochs=p.warmup_epochs, schedule=p.schedule, encoder_lr_scale=p.encoder_lr_scale, bf16=p.bf16,
-        num_workers=p.num_workers,
-    )  # fmt: skip
+    spec = p.spec()
     pre = SegPreprocess(d.height, d.width)
     metrics, rows = {}, {}
+    # each model resumed after a kill or a preemption from its last finished epoch (a finished one: from its end)
+    key = run_key(
+        params, ("seed", "seg_data", "seg_train"), exclude={"seg_train": ("log_model",)},
+        world_size=ctx.world_size, checkpoint=file_key(ctx.root / p.checkpoint),
+        train=folder_key(ctx.root / d.train_dir),
+    )  # fmt: skip
+    states = {n: EpochState(ctx.root, f"seg_train-{n}", key, stage="seg_train", is_main=ctx.is_main) for n in MODELS}
     for name, model in build_models(p, encoder, len(classes.names), seed).items():
         history = train_segmentation(
             model,
@@ -81,7 +88,12 @@ def run(params: dict, ctx, tracker, device) -> dict:
             world_size=ctx.world_size,
             desc=f"seg_train {name}",
             on_step=lambda r, name=name: tracker.log_metrics({f"{name}_loss": r["loss"]}, step=r["step"]),
+            state=states[name],
+            should_stop=lambda: any_rank(preemption.requested(), device),
         )
+        if history is None:
+            print(f"seg_train: stopped; {states[name].path} resumes from the last finished epoch", flush=True)
+            return {"stopped": True}
         if ctx.is_main:
             save_segmenter(
                 ctx.root / OUT / f"{name}.pth", model.cpu(), classes, pre, encoder=name, checkpoint=p.checkpoint,
@@ -90,6 +102,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
         metrics[f"{name}_final_loss"] = round(history[-1]["loss"], 5)
         for r in history:
             rows.setdefault(r["epoch"], {"epoch": r["epoch"]})[f"{name}_loss"] = r["loss"]
+    for state in states.values():
+        state.finish()
     if not ctx.is_main:
         return metrics
     metrics["train_images"] = len(train_ds)

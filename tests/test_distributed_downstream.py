@@ -8,9 +8,12 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -19,9 +22,9 @@ from ijepa.data.loaders import Normalize
 from ijepa.distributed import DistEnv, ddp, init_distributed, shutdown
 from ijepa.finetune import Classifier, FinetuneSpec, Preprocess, load_classifier, train_classifier
 from ijepa.models.vit import VisionTransformer
-from ijepa.seg.data import SegDataset
+from ijepa.seg.data import SegDataset, seg_loader
 from ijepa.seg.model import SegmentationModel
-from ijepa.seg.train import SegTrainSpec, _loader, train_segmentation
+from ijepa.seg.train import SegTrainSpec, train_segmentation
 from pipeline import launch
 from pipeline.params import section
 from pipeline.stage import run_stage
@@ -112,7 +115,7 @@ def test_seg_loader_shares_are_one_process_batch_split(tmp_path):
     keys = {}
     for world, batch in ((1, 8), (2, 4)):
         for rank in range(world):
-            loader = _loader(ds, batch, 0, True, seed=3, rank=rank, world_size=world)
+            loader = seg_loader(ds, batch, 0, True, seed=3, rank=rank, world_size=world)
             loader.sampler.set_epoch(1)
             keys[(world, rank)] = [list(b) for b in loader.batch_sampler]
     one, r0, r1 = keys[(1, 0)], keys[(2, 0)], keys[(2, 1)]
@@ -172,11 +175,28 @@ def test_extract_and_finetune_stages_under_two_ranks(tmp_path):
                     torch.testing.assert_close(two[split][k], t, rtol=1e-4, atol=1e-4, msg=f"{name} {split} {k}")
     assert json.loads((root / "metrics/extract.json").read_text())["train_samples"] == 180
 
-    # finetune through the submitit launcher (`make stage-slurm STAGE=finetune`), 2 local tasks
-    lp = dataclasses.replace(section(params, "launcher"), kind="local", tasks_per_node=2)
+    # finetune through the submitit launcher (`make stage-slurm STAGE=finetune`), 2 local tasks, preempted (USR2,
+    # what SLURM sends before the time limit) once its first epoch is saved: it stops at the epoch end, requeues
+    # itself and the requeued job resumes from there
+    params["finetune"]["epochs"] = 3
+    (root / "params.json").write_text(json.dumps(params))
+    lp = dataclasses.replace(section(params, "launcher"), kind="local", tasks_per_node=2, max_requeues=2)
     job = launch.submit_stage(launch.make_executor(lp, tmp_path / "logs", "finetune"), root, params, "finetune")
+    state = root / "models/resume/finetune.pt"
+    deadline = time.monotonic() + 240
+    while not state.exists():
+        assert time.monotonic() < deadline and not job.done(), "finetune saved no epoch"
+        time.sleep(0.05)
+    # what submitit's local controller (and SLURM) does before the time limit: USR2 to every task
+    tasks = psutil.Process(job._process.pid).children()
+    assert len(tasks) == 2
+    for task in tasks:
+        task.send_signal(signal.SIGUSR2)
     assert job.results()[0]["world_size"] == 2
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*_0_log.*"))
+    assert "stopping at the next step or epoch boundary" in log and "Requeued job" in log, log[-3000:]
+    assert "finetune: resuming from" in log and not state.exists()
     metrics = json.loads((root / "metrics/finetune.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 180 // 16 and 0 <= metrics["top1"] <= 1
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3 * (180 // 16) and 0 <= metrics["top1"] <= 1
     clf, names, _ = load_classifier(root / "models/finetune/classifier.pth")
     assert len(names) == 10 and np.isfinite(sum(float(t.sum()) for t in clf.state_dict().values()))

@@ -23,9 +23,8 @@ from ijepa.errors import ImageReadError
 from ijepa.finetune import Classifier, Preprocess, save_classifier
 from ijepa.images import MAX_PIXELS, image_size, read_bgr
 from ijepa.seg.data import SegClasses, SegDataError, read_image_bgr
-from ijepa.seg.model import SegmentationModel
+from ijepa.seg.model import SegmentationModel, SegPreprocess, save_segmenter
 from ijepa.seg.synth import class_config
-from ijepa.seg.train import SegPreprocess, save_segmenter
 
 from .test_data import CLASSES, make_folder
 from .test_stages import official_checkpoint

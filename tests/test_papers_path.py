@@ -65,4 +65,4 @@ def test_the_papers_path_on_a_small_jpeg_folder(tmp_path):
     assert "top1" in json.loads((repo / "metrics/finetune.json").read_text())
     attn = json.loads((repo / "metrics/attnprobe.json").read_text())  # no token cache: tokens computed on the fly
     assert attn["tokens"] == "streamed" and 0 <= attn["top1"] <= 1 and "pixels_top1" in attn
-    assert not list((repo / "data/features").glob("tokens_*.pt")) and not (repo / "models/attnprobe/resume.pt").exists()
+    assert not list((repo / "data/features").glob("tokens_*.pt")) and not (repo / "models/resume/attnprobe.pt").exists()

@@ -24,16 +24,10 @@ from ijepa.seg.data import (
     pair_files,
     read_mask,
 )
+from ijepa.seg.infer import colorize, evaluate_segmentation
 from ijepa.seg.metrics import ConfusionMatrix, miou_from_counts
-from ijepa.seg.model import SegmentationModel
-from ijepa.seg.train import (
-    SegPreprocess,
-    SegTrainSpec,
-    colorize,
-    evaluate_segmentation,
-    save_segmenter,
-    train_segmentation,
-)
+from ijepa.seg.model import SegmentationModel, SegPreprocess, save_segmenter
+from ijepa.seg.train import SegTrainSpec, train_segmentation
 
 CLASSES = SegClasses(
     ("background", "cat", "dog"),

@@ -80,3 +80,14 @@ def test_no_import_circle_in_the_library():
     graph = import_graph(ROOT / "ijepa")
     assert circles(graph) == []
     assert "ijepa.torchfile" in graph["ijepa.interop"] and "ijepa.interop" in graph["ijepa.checkpoint"]
+
+
+def test_every_stage_run_is_glue_of_at_most_80_lines():
+    """Stages read params, build specs, wire callbacks and write outputs; the work lives in ijepa/ and pipeline/."""
+    lengths = {}
+    for f in sorted((ROOT / "stages").glob("*.py")):
+        for node in ast.parse(f.read_text(), str(f)).body:
+            if isinstance(node, ast.FunctionDef) and node.name == "run":
+                lengths[f.stem] = node.end_lineno - node.lineno + 1
+    assert len(lengths) == 12, sorted(lengths)
+    assert {stage: n for stage, n in lengths.items() if n > 80} == {}

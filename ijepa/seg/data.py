@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 
 from ..data.sources import IMAGE_EXTENSIONS
+from ..data.workers import worker_context
 from ..errors import ImageReadError, UserError
 from ..images import check_pixels, read_bgr
 
@@ -285,3 +286,26 @@ def collate_train(batch):
 def collate_eval(batch):
     """Images stack (same input size); masks stay a list (each at its original resolution)."""
     return torch.from_numpy(np.stack([b[0] for b in batch])), [torch.from_numpy(b[1]).long() for b in batch]
+
+
+def seg_loader(
+    ds: SegDataset, batch_size: int, workers: int, train: bool, seed: int, rank: int = 0, world_size: int = 1
+) -> torch.utils.data.DataLoader:
+    """Training: a seeded permutation per epoch (``set_epoch``), cut into ``world_size`` disjoint shares
+    (DistributedSampler: the union of the ranks' i-th batches is one process's i-th batch of the same size
+    times world_size). Evaluation: every image once, in order (one process)."""
+    sampler = None
+    if train:
+        sampler = torch.utils.data.DistributedSampler(
+            ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train and len(ds) // world_size >= batch_size,
+        num_workers=workers,
+        collate_fn=collate_train if train else collate_eval,
+        persistent_workers=False,
+        multiprocessing_context=worker_context() if workers else None,  # fork-safe: see worker_context
+    )

@@ -1,19 +1,70 @@
-"""``ijepa segment`` (a folder of images) and ``ijepa segment-video`` (a video file): headless, batched."""
+"""Segmenters at work: prediction, evaluation, colour overlays, ``ijepa segment`` (a folder of images) and
+``ijepa segment-video`` (a video file), headless and batched."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..device import pick_device
+from ..data.loaders import Normalize
+from ..device import autocast, pick_device
 from ..errors import ImageReadError, UsageError, VideoError
 from ..images import MAX_PIXELS, list_images, read_bgr, refuse_inside
-from .train import colorize, load_segmenter, overlay, predict_ids
+from .data import SegDataset, seg_loader
+from .metrics import ConfusionMatrix
+from .model import SegmentationModel, load_segmenter
+
+
+@torch.no_grad()
+def predict_ids(model: SegmentationModel, imgs: torch.Tensor, sizes: Sequence[tuple[int, int]], device, bf16=False):
+    """uint8 BGR (B, H, W, 3) at the model size -> list of (h_i, w_i) class-id tensors at each original size."""
+    model.eval()
+    with autocast(device, bf16):
+        logits = model(Normalize()(imgs, device)).float()
+    return [
+        F.interpolate(logits[i : i + 1], size=tuple(s), mode="bilinear", align_corners=False)[0].argmax(0).cpu()
+        for i, s in enumerate(sizes)
+    ]
+
+
+def evaluate_segmentation(
+    model: SegmentationModel,
+    ds: SegDataset,
+    num_classes: int,
+    device: torch.device,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    bf16: bool = False,
+    desc: str = "seg_eval",
+) -> tuple[dict, ConfusionMatrix]:
+    """Dataset-level confusion at each mask's own resolution (logits upsampled to it)."""
+    cm = ConfusionMatrix(num_classes)
+    for imgs, masks in tqdm(seg_loader(ds, batch_size, num_workers, False, 0), desc=desc, mininterval=5):
+        preds = predict_ids(model, imgs, [m.shape for m in masks], device, bf16)
+        for p, m in zip(preds, masks, strict=True):
+            cm.update(p, m)
+    return cm.compute(), cm
+
+
+def colorize(ids: np.ndarray, colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """(H, W) ids -> (H, W, 3) RGB with ``colors[id]`` (ignore / out-of-range ids black)."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(colors)] = np.asarray(colors, np.uint8)
+    return lut[np.asarray(ids, np.uint8)]
+
+
+def overlay(img_bgr: np.ndarray, ids: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """Blend the colour mask over a BGR image (both at the image's size)."""
+    color_bgr = colorize(ids, colors)[..., ::-1]
+    return (img_bgr.astype(np.float32) * (1 - alpha) + color_bgr.astype(np.float32) * alpha).round().astype(np.uint8)
 
 
 def _resize_batch(frames: list[np.ndarray], height: int, width: int) -> torch.Tensor:

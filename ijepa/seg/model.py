@@ -1,14 +1,22 @@
-"""Dense heads on an I-JEPA encoder: tokens reshaped to the known patch grid, logits at input resolution."""
+"""Dense heads on an I-JEPA encoder: tokens reshaped to the known patch grid, logits at input resolution; the
+self-contained segmenter file (weights, architecture, classes, input size)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
+from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from ..models.vit import VisionTransformer
+from .data import SegClasses
+
+SEGMENTER_FORMAT = "ijepa-segmenter"
 
 HEADS = ("linear", "decoder")
 
@@ -117,3 +125,51 @@ class SegmentationModel(nn.Module):
 
     def trainable_parameters(self) -> Sequence[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class SegPreprocess:
+    """Model input size (H, W) and normalisation, stored with the segmenter."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def save_segmenter(path: str | Path, model: SegmentationModel, classes: SegClasses, pre: SegPreprocess, **info) -> None:
+    """Atomic save of everything ``ijepa segment`` needs: weights, architecture, classes and colours, input size."""
+    atomic_save(
+        {
+            "format": SEGMENTER_FORMAT,
+            "format_version": 1,
+            "model": model.state_dict(),
+            "config": model.config(),
+            "classes": classes.to_dict(),
+            "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(pre).items()},
+            "info": info,
+        },
+        path,
+    )
+
+
+def load_segmenter(path: str | Path) -> tuple[SegmentationModel, SegClasses, SegPreprocess]:
+    """Rebuild a segmenter from its file alone (model in eval mode)."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != SEGMENTER_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a segmenter (format {ckpt.get('format')!r}); train one with the seg_train stage"
+        )
+    cfg = ckpt["config"]
+    model = SegmentationModel(
+        VisionTransformer(**cfg["encoder_arch"]),
+        cfg["num_classes"],
+        head=cfg["head"],
+        layers=cfg["layers"],
+        freeze_encoder=cfg["freeze_encoder"],
+        decoder_width=cfg["decoder_width"],
+    )
+    load_state_strict(model, ckpt["model"], f"{path} [model]")
+    pp = ckpt["preprocess"]
+    pre = SegPreprocess(pp["height"], pp["width"], tuple(pp["mean"]), tuple(pp["std"]))
+    return model.eval(), SegClasses.from_dict(ckpt["classes"], f"{path} [classes]"), pre
