@@ -6,12 +6,14 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -252,39 +254,48 @@ def test_a_preempted_pretrain_stage_resumes_mid_epoch_to_the_uninterrupted_resul
     assert rows == (ref_root / "metrics/pretrain_steps.csv").read_text().splitlines() and len(rows) == 1 + 44
 
 
+def _preempt(job, rows: Path, at_step: int, deadline: float) -> None:
+    """Once the job's step log holds ``at_step`` rows, USR2 to each of its tasks (what submitit's local controller
+    sends ``signal_delay_s`` before the time limit, and SLURM before a preemption); returns when the requeued
+    job's tasks have replaced them."""
+    while not rows.exists() or len(rows.read_text().splitlines()) - 1 < at_step:
+        assert time.monotonic() < deadline and not job.done(), f"the job did not reach step {at_step}"
+        time.sleep(0.02)
+    tasks = psutil.Process(job._process.pid).children()
+    assert len(tasks) == 2
+    for task in tasks:
+        task.send_signal(signal.SIGUSR2)
+    while {t.pid for t in psutil.Process(job._process.pid).children()} & {t.pid for t in tasks}:
+        assert time.monotonic() < deadline, "the preempted tasks did not end"
+        time.sleep(0.05)
+
+
 @pytest.mark.process
 @pytest.mark.slow
-def test_submitit_job_times_out_requeues_and_resumes_exactly(tmp_path):
-    """2 local tasks under submitit, the streaming loader; USR2 arrives half-way through the uninterrupted run's
-    time, on every run: stop, save, requeue, resume, until done (the decoded split resumes exactly too: above)."""
-    epochs, in_memory = 36, False  # ~400 steps
+def test_submitit_job_preempted_twice_requeues_and_resumes_exactly(tmp_path):
+    """2 local tasks under submitit, the streaming loader; preempted twice mid-epoch (USR2 to every task): each
+    time it stops at a step boundary, saves, requeues and resumes, and it ends bit-identical to an uninterrupted
+    job, with one step row per step (the decoded split resumes exactly too: above)."""
+    epochs, in_memory = 8, False  # 88 steps of 2 x 8 images
     root, params = _project(tmp_path / "cut", epochs, in_memory)
     ref_root, ref_params = _project(tmp_path / "ref", epochs, in_memory)
-    lp = section(params, "launcher")
-    lp = dataclasses.replace(lp, tasks_per_node=2, max_requeues=20)
-
-    ex = launch.make_executor(lp, tmp_path / "logs-ref")
-    ex.update_parameters(timeout_min=30)
-    t0 = time.monotonic()
-    ref = launch.submit_stage(ex, ref_root, ref_params).results()
-    # USR2 at half the uninterrupted job's time (start-up included), whatever this machine's speed: every run
-    # trains a share of the steps, so the job is cut at least once and finishes in a few requeues
-    signal_at = max(10.0, (time.monotonic() - t0) / 2)
-
-    ex = launch.make_executor(lp, tmp_path / "logs-cut")
-    ex.update_parameters(timeout_min=(signal_at + 20) / 60, signal_delay_s=20)  # USR2 20 s before the timeout
-    job = launch.submit_stage(ex, root, params)
-    results = job.results()
+    lp = dataclasses.replace(section(params, "launcher"), tasks_per_node=2, max_requeues=5, time_min=30)
+    ref = launch.submit_stage(launch.make_executor(lp, tmp_path / "logs-ref"), ref_root, ref_params)
+    job = launch.submit_stage(launch.make_executor(lp, tmp_path / "logs-cut"), root, params)
+    deadline, rows = time.monotonic() + 400, root / "metrics/pretrain_steps.csv"
+    _preempt(job, rows, 20, deadline)  # inside epoch 2
+    _preempt(job, rows, 50, deadline)  # inside epoch 5
+    results, ref = job.results(), ref.results()
     log = "".join(p.read_text() for p in (tmp_path / "logs-cut").glob("*_0_log.*"))
-    assert "Calling checkpoint method" in log and "Requeued job" in log, log[-3000:]
-    assert "stopping at the next step or epoch boundary" in log
+    assert log.count("Calling checkpoint method") == log.count("Requeued job") == 2, log[-3000:]
+    assert log.count("stopping at the next step or epoch boundary") == 2
     assert results[0]["steps"] == ref[0]["steps"] == epochs * (180 // 16) and results[0]["world_size"] == 2
     a, b = _weights(root), _weights(ref_root)
     for name, t in b.items():
         assert torch.equal(a[name], t), name
-    rows = (root / "metrics/pretrain_steps.csv").read_text().splitlines()
-    assert len(rows) == 1 + epochs * 11  # one row per step, none doubled by the requeues
-    assert rows == (ref_root / "metrics/pretrain_steps.csv").read_text().splitlines()
+    lines = rows.read_text().splitlines()
+    assert len(lines) == 1 + epochs * 11  # one row per step, none doubled by the requeues
+    assert lines == (ref_root / "metrics/pretrain_steps.csv").read_text().splitlines()
 
 
 # -- real SLURM -------------------------------------------------------------------------------------------

@@ -5,12 +5,14 @@ real command (``python -m ijepa.cli`` or ``python -m stages.<name>``) in a subpr
 from __future__ import annotations
 
 import copy
+import json
 import os
 import struct
 import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -73,6 +75,26 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
     return run("-m", "ijepa.cli", *args, **kw)
 
 
+def run_many(tmp: Path, *cases: dict, path: Path | None = None) -> list[SimpleNamespace]:
+    """``cases`` ({"module", "args", "cwd", "env"}) run one after another in one interpreter (tests/commands.py),
+    each with its own working directory, environment, exit code and captured stdout and stderr (``path``: one
+    more folder to import modules from)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "cases.json").write_text(json.dumps([{"cwd": None, "env": {}} | c for c in cases], default=str))
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{path}"} if path else None
+    r = run(str(ROOT / "tests/commands.py"), str(tmp / "cases.json"), str(tmp / "results.json"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [SimpleNamespace(**res) for res in json.loads((tmp / "results.json").read_text())]
+
+
+def cli_case(*args: str) -> dict:
+    return {"module": "ijepa.cli", "args": list(args)}
+
+
+def stage_case(name: str, folder: Path, **env) -> dict:
+    return {"module": f"stages.{name}", "args": [], "cwd": str(folder), "env": env}
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
@@ -93,25 +115,46 @@ def files(tmp_path_factory):
     return root
 
 
+def test_the_command_runner_keeps_each_command_apart(tmp_path):
+    """tests/commands.py: each command's exit code, output and traceback are its own, as in a process of its own."""
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "crash.py").write_text("import os, sys\nos.write(2, b'from C\\n')\nprint('out')\nraise KeyError('boom')\n")
+    (mod / "quits.py").write_text("import os, sys\nprint(os.getcwd(), os.environ['WHO'])\nsys.exit('bye')\n")
+    r = run_many(
+        tmp_path / "run", {"module": "crash", "args": []},
+        {"module": "quits", "args": [], "cwd": str(tmp_path), "env": {"WHO": "me"}},
+        {"module": "ijepa.cli", "args": ["--help"]}, path=mod,
+    )  # fmt: skip
+    assert r[0].returncode == 1 and r[0].stdout == "out\n" and "from C" in r[0].stderr
+    assert "Traceback" in r[0].stderr and "KeyError: 'boom'" in r[0].stderr
+    assert (r[1].returncode, r[1].stdout, r[1].stderr) == (1, f"{tmp_path} me\n", "bye\n")
+    assert r[2].returncode == 0 and "usage: ijepa" in r[2].stdout and r[2].stderr == ""
+
+
 # -- the ijepa command ---------------------------------------------------------------------------------------
 
 
-def test_cli_mistakes_are_one_line(files):
-    r = cli("inspect", str(files / "notes.txt"))
-    one_line_error(r, "ijepa inspect: error: ", files / "notes.txt", "not a torch checkpoint")
-    r = cli("search", "--query", str(files / "images/x.png"), "--k", "-1")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "--k: must be at least 1, got -1" in r.stderr
-    r = cli("search", "--index", str(files / "pretrain.pth.tar"), "--query", str(files / "images/x.png"))
-    one_line_error(r, "ijepa search: error: ", files / "pretrain.pth.tar", "is not a search index")
-    r = cli("search", "--index", str(files / "pretrain.pth.tar"), "--query", str(files / "images/missing.png"))
-    one_line_error(r, "ijepa search: error: ", "--query", files / "images/missing.png")
-    r = cli("segment-video", "--checkpoint", str(files / "seg.pth"), "--input", str(files / "notes.txt"))
-    one_line_error(r, "ijepa segment-video: error: ", files / "notes.txt", "cannot open it as a video")
+def test_cli_mistakes_are_one_line(files, tmp_path):
+    r = run_many(
+        tmp_path,
+        cli_case("inspect", str(files / "notes.txt")),
+        cli_case("search", "--query", str(files / "images/x.png"), "--k", "-1"),
+        cli_case("search", "--index", str(files / "pretrain.pth.tar"), "--query", str(files / "images/x.png")),
+        cli_case("search", "--index", str(files / "pretrain.pth.tar"), "--query", str(files / "images/missing.png")),
+        cli_case("segment-video", "--checkpoint", str(files / "seg.pth"), "--input", str(files / "notes.txt")),
+        cli_case("classify", "--checkpoint", str(files / "pretrain.pth.tar"), "--input", str(files / "images")),
+        cli_case("classify", "--checkpoint", str(files / "classifier.pth"), "--input", str(files / "nope")),
+    )
+    one_line_error(r[0], "ijepa inspect: error: ", files / "notes.txt", "not a torch checkpoint")
+    assert r[1].returncode == 2 and "Traceback" not in r[1].stderr
+    assert "--k: must be at least 1, got -1" in r[1].stderr
+    one_line_error(r[2], "ijepa search: error: ", files / "pretrain.pth.tar", "is not a search index")
+    one_line_error(r[3], "ijepa search: error: ", "--query", files / "images/missing.png")
+    one_line_error(r[4], "ijepa segment-video: error: ", files / "notes.txt", "cannot open it as a video")
     assert not list(files.glob("notes*.mp4"))  # no partial output left behind
-    r = cli("classify", "--checkpoint", str(files / "pretrain.pth.tar"), "--input", str(files / "images"))
-    one_line_error(r, "ijepa classify: error: ", files / "pretrain.pth.tar", "is not a finetuned classifier")
-    r = cli("classify", "--checkpoint", str(files / "classifier.pth"), "--input", str(files / "nope"))
-    one_line_error(r, "ijepa classify: error: ", files / "nope")
+    one_line_error(r[5], "ijepa classify: error: ", files / "pretrain.pth.tar", "is not a finetuned classifier")
+    one_line_error(r[6], "ijepa classify: error: ", files / "nope")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -121,18 +164,22 @@ def test_cuda_without_a_gpu_is_one_line(files):
     one_line_error(r, "ijepa classify: error: ", "device 'cuda'", "no usable CUDA GPU")
 
 
-def test_outputs_never_land_on_inputs(files):
+def test_outputs_never_land_on_inputs(files, tmp_path):
     video = files / "clip.mp4"
     video.write_bytes(b"placeholder")  # refused before it is opened
-    r = cli("segment-video", "--checkpoint", str(files / "seg.pth"), "--input", str(video), "--output", str(video))
-    one_line_error(r, "ijepa segment-video: error: ", "--output", "is the input video")
+    r = run_many(
+        tmp_path,
+        cli_case("segment-video", "--checkpoint", str(files / "seg.pth"), "--input", str(video),
+                 "--output", str(video)),
+        cli_case("classify", "--checkpoint", str(files / "classifier.pth"), "--input", str(files / "images"),
+                 "--output", str(files / "p.csv"), "--annotate", str(files / "images/annotated")),
+        cli_case("segment", "--checkpoint", str(files / "seg.pth"), "--input", str(files / "images"),
+                 "--output", str(files / "images")),
+    )  # fmt: skip
+    one_line_error(r[0], "ijepa segment-video: error: ", "--output", "is the input video")
     assert video.read_bytes() == b"placeholder"
-    r = cli("classify", "--checkpoint", str(files / "classifier.pth"), "--input", str(files / "images"),
-            "--output", str(files / "p.csv"), "--annotate", str(files / "images/annotated"))  # fmt: skip
-    one_line_error(r, "ijepa classify: error: ", "--annotate", "inside the input folder")
-    r = cli("segment", "--checkpoint", str(files / "seg.pth"), "--input", str(files / "images"),
-            "--output", str(files / "images"))  # fmt: skip
-    one_line_error(r, "ijepa segment: error: ", "--output", "inside the input folder")
+    one_line_error(r[1], "ijepa classify: error: ", "--annotate", "inside the input folder")
+    one_line_error(r[2], "ijepa segment: error: ", "--output", "inside the input folder")
     assert sorted(p.name for p in (files / "images").iterdir()) == ["x.png", "y.jpg"]
 
 
@@ -197,46 +244,41 @@ def test_prepare_mistakes_are_one_line(tmp_path):
     flat.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "a.png")
     src = {"kind": "image_folder", "dir": None, "train_dir": str(flat), "test_dir": None}
-    work = stage_dir(tmp_path / "w1", prepare__source=src, tracking__enabled=False)
-    one_line_error(stage("prepare", work), "prepare: error: ", flat, "no class sub-folders")
     broken = tmp_path / "broken"
     for name in CLASSES:
         (broken / name).mkdir(parents=True)
         for i in range(2):
             (broken / name / f"x{i}.jpg").write_bytes(b"")
-    work = stage_dir(
-        tmp_path / "w2", prepare__source=src | {"train_dir": str(broken)}, prepare__val_fraction=0.5,
-        tracking__enabled=False,
-    )  # fmt: skip
-    one_line_error(stage("prepare", work), "prepare: error: ", "no usable image", "empty file")
     good = make_folder(tmp_path / "good", per_class=2)
-    work = stage_dir(
-        tmp_path / "w3",
-        prepare__source=src | {"train_dir": str(good), "test_dir": str(tmp_path / "val")},
-        tracking__enabled=False,
-    )
-    one_line_error(stage("prepare", work), "prepare: error: ", "prepare.source.test_dir", tmp_path / "val")
-    assert not (work / "data").exists()
-    # splits too small for the probes: refused before any shard is written, naming the split, the images per
-    # class it would get and the setting
-    work = stage_dir(tmp_path / "w4", prepare__source=src | {"train_dir": str(good)}, tracking__enabled=False)
+    work = [
+        stage_dir(tmp_path / "w1", prepare__source=src, tracking__enabled=False),
+        stage_dir(
+            tmp_path / "w2", prepare__source=src | {"train_dir": str(broken)}, prepare__val_fraction=0.5,
+            tracking__enabled=False,
+        ),
+        stage_dir(
+            tmp_path / "w3", prepare__source=src | {"train_dir": str(good), "test_dir": str(tmp_path / "val")},
+            tracking__enabled=False,
+        ),
+        # splits too small for the probes: refused before any shard is written, naming the split, the images per
+        # class it would get and the setting
+        stage_dir(tmp_path / "w4", prepare__source=src | {"train_dir": str(good)}, tracking__enabled=False),
+        stage_dir(tmp_path / "w5", prepare__source=src | {"train_dir": str(good)}, prepare__val_fraction=0.0),
+    ]  # fmt: skip
+    r = run_many(tmp_path / "run", *(stage_case("prepare", w) for w in work))
+    one_line_error(r[0], "prepare: error: ", flat, "no class sub-folders")
+    one_line_error(r[1], "prepare: error: ", "no usable image", "empty file")
+    one_line_error(r[2], "prepare: error: ", "prepare.source.test_dir", tmp_path / "val")
+    assert not (work[2] / "data").exists()
     one_line_error(
-        stage("prepare", work), "prepare: error: prepare.val_fraction: split 'val' would get 0 images per class",
+        r[3], "prepare: error: prepare.val_fraction: split 'val' would get 0 images per class",
         "for 3 of 3 classes", "val_fraction 0.1667 of 2 images rounds to 0", "raise it to at least 0.5",
     )  # fmt: skip
-    assert not (work / "data").exists()
-    work = stage_dir(tmp_path / "w5", prepare__source=src | {"train_dir": str(good)}, prepare__val_fraction=0.0)
-    one_line_error(stage("prepare", work), "prepare: error: prepare.val_fraction: 0 carves no validation split")
+    assert not (work[3] / "data").exists()
+    one_line_error(r[4], "prepare: error: prepare.val_fraction: 0 carves no validation split")
 
 
 def test_stage_mistakes_are_one_line(tmp_path, files):
-    work = stage_dir(tmp_path / "w1", finetune__checkpoint="models/none.pth.tar", tracking__enabled=False)
-    one_line_error(stage("finetune", work), "finetune: error: ", "models/none.pth.tar", "does not exist")
-    work = stage_dir(tmp_path / "w2", optim__lr=float("inf"))
-    one_line_error(stage("pretrain", work), "pretrain: error: ", "optim.lr", "finite")
-    work = stage_dir(tmp_path / "w3", extract__device="cuda", tracking__enabled=False)
-    if not torch.cuda.is_available():
-        one_line_error(stage("extract", work), "extract: error: ", "device 'cuda'")
     # seg_prepare checking real folders, one mask of which is not an image
     seg = tmp_path / "seg"
     for split in ("train", "val"):
@@ -246,15 +288,23 @@ def test_stage_mistakes_are_one_line(tmp_path, files):
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(seg / split / "masks/s0.png")
     (seg / "val/masks/s0.png").write_text("not a png")
     (seg / "classes.yaml").write_text(yaml.safe_dump(class_config()))
-    work = stage_dir(
-        tmp_path / "w4",
-        seg_prepare__kind="folders",
-        seg_data__train_dir=str(seg / "train"),
-        seg_data__val_dir=str(seg / "val"),
-        seg_data__classes=str(seg / "classes.yaml"),
-        tracking__enabled=False,
-    )
-    one_line_error(stage("seg_prepare", work), "seg_prepare: error: ", seg / "val/masks/s0.png", "cannot read mask")
+    cases = [
+        stage_case("finetune", stage_dir(tmp_path / "w1", finetune__checkpoint="models/none.pth.tar",
+                                         tracking__enabled=False)),
+        stage_case("pretrain", stage_dir(tmp_path / "w2", optim__lr=float("inf"))),
+        stage_case("seg_prepare", stage_dir(
+            tmp_path / "w4", seg_prepare__kind="folders", seg_data__train_dir=str(seg / "train"),
+            seg_data__val_dir=str(seg / "val"), seg_data__classes=str(seg / "classes.yaml"), tracking__enabled=False,
+        )),
+    ]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append(stage_case("extract", stage_dir(tmp_path / "w3", extract__device="cuda", tracking__enabled=False)))
+    r = run_many(tmp_path / "run", *cases)
+    one_line_error(r[0], "finetune: error: ", "models/none.pth.tar", "does not exist")
+    one_line_error(r[1], "pretrain: error: ", "optim.lr", "finite")
+    one_line_error(r[2], "seg_prepare: error: ", seg / "val/masks/s0.png", "cannot read mask")
+    if not torch.cuda.is_available():
+        one_line_error(r[3], "extract: error: ", "device 'cuda'")
 
 
 def test_a_read_only_tracking_store_fails_before_work(tmp_path):
