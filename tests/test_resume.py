@@ -72,16 +72,17 @@ def test_finetune_and_seg_train_killed_mid_epoch_then_rerun_by_dvc_end_as_uninte
             ["dvc", "repro", "--single-item", stage], cwd=cut, env=env, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        try:  # the length of an epoch, from the moments the first two were saved; then a random point of the third
+        try:  # the length of an epoch, from the moments the first two were saved; then a random moment after
             marks, deadline = [], time.monotonic() + 300
             while len(marks) < 2:
                 assert proc.poll() is None and time.monotonic() < deadline, f"{stage} ended before its 2nd epoch"
                 if epochs_done(state) > len(marks):
                     marks.append(time.monotonic())
                 time.sleep(0.01)
-            when = rng.uniform(0.1, 0.8) * (marks[1] - marks[0])
-            time.sleep(when)
-            assert proc.poll() is None and epochs_done(state) == 2, f"{stage} was not inside its 3rd epoch"
+            when = rng.uniform(0.05, 0.8) * (marks[1] - marks[0])
+            time.sleep(when)  # on a loaded machine epochs vary: a later epoch than the 3rd is as good a moment
+            at = epochs_done(state)
+            assert proc.poll() is None and 2 <= at < EPOCHS, f"{stage} was not running its epoch 3 to {EPOCHS}"
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # dvc, the stage and any loader workers
             proc.wait()
@@ -89,8 +90,8 @@ def test_finetune_and_seg_train_killed_mid_epoch_then_rerun_by_dvc_end_as_uninte
         again = sh(cut, "dvc", "repro", "--single-item", stage)  # DVC deletes the stage's outputs, then reruns it
         assert f"resuming from {state}" in again.stdout, again.stdout[-2000:]
         got = json.loads((cut / f"metrics/{stage}.json").read_text())
-        assert got == json.loads((ref / f"metrics/{stage}.json").read_text()), (stage, when)
+        assert got == json.loads((ref / f"metrics/{stage}.json").read_text()), (stage, at, when)
         expected = weights(ref, stage)
         for name, t in weights(cut, stage).items():
-            assert torch.equal(t, expected[name]), (stage, name, when)
+            assert torch.equal(t, expected[name]), (stage, name, at, when)
         assert not list((cut / "models/resume").glob(f"{stage}*")), "a finished run leaves no resume file"
