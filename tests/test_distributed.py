@@ -230,6 +230,7 @@ def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
     assert not torch.equal(_weights(root)["module.patch_embed.proj.weight"], before["module.patch_embed.proj.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streaming"])
 def test_a_preempted_pretrain_stage_resumes_mid_epoch_to_the_uninterrupted_result(tmp_path, monkeypatch, in_memory):
     """The stage stopped by a preemption request in the middle of its second epoch (the flag USR2 sets under

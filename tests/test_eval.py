@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +295,21 @@ def test_lowshot_probe_learns_from_a_few_images_per_class():
                       lrs=[0.1], epochs=30, batch_size=64)  # fmt: skip
     assert r["train_images"] == 8 and len(r["test_top1"]) == 3 and r["mean"] > 0.9
     assert r["sd"] == pytest.approx(float(torch.tensor(r["test_top1"]).std()), abs=1e-9)
+
+
+def test_the_index_finds_its_encoder_from_a_relative_path(tmp_path, monkeypatch):
+    """The stages record the checkpoint relative to the repository: found from the working directory, else from
+    the folders holding the index; an absolute path stays as recorded."""
+    repo = tmp_path / "clone"
+    (repo / "models/pretrain").mkdir(parents=True)
+    (repo / "models/pretrain/enc.pth.tar").write_bytes(b"x")
+    index = SearchIndex(torch.eye(2), ["a", "b"], torch.tensor([0, 1]), ["a", "b"],
+                        {"checkpoint": "models/pretrain/enc.pth.tar"})  # fmt: skip
+    index.save(repo / "models/search/index.pt")
+    monkeypatch.chdir(tmp_path)
+    loaded = SearchIndex.load(repo / "models/search/index.pt")
+    assert loaded.encoder_checkpoint(repo / "models/search/index.pt") == repo / "models/pretrain/enc.pth.tar"
+    monkeypatch.chdir(repo)
+    assert loaded.encoder_checkpoint("models/search/index.pt") == Path("models/pretrain/enc.pth.tar")
+    loaded.meta["checkpoint"] = "/elsewhere/enc.pth.tar"
+    assert loaded.encoder_checkpoint("models/search/index.pt") == Path("/elsewhere/enc.pth.tar")

@@ -140,3 +140,33 @@ def test_collapse_floor_warns_or_stops_with_one_line(stage_project, tmp_path):
     assert r.stderr.count("pretrain: warning: RankMe") == 6  # steps 22, 25, 30, 35, 40 and 44
     assert "at step 22 (epoch 1.00)" in r.stderr and "at step 44 (epoch 2.00)" in r.stderr
     assert "at step 20 " not in r.stderr  # within the grace epoch
+
+
+def test_the_monitor_hook_writes_rows_warns_after_the_grace_and_plots(tmp_path, capsys):
+    """pipeline.monitoring: rows to the step CSV and the tracker on rank 0, the floor's warning only after the
+    grace epochs and only on rank 0 (others measure silently), and a figure that says when nothing was measured."""
+    from pipeline.monitoring import COLUMNS, MonitorHook, health_metrics, plot_health
+    from pipeline.outputs import StepCSV
+    from pipeline.params import MonitorParams
+
+    class Tracker:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, values, step):
+            self.logged.append((step, values))
+
+    values = {"rankme": 2.0, "feature_spread": 0.5, "knn_top1": 0.3}
+    mon = MonitorParams(min_rank=5.0, grace_epochs=1.0)
+    tracker, rows = Tracker(), StepCSV(tmp_path / "m.csv", COLUMNS)
+    hook = MonitorHook(lambda encoder: values, mon, ipe=10, csv=rows, tracker=tracker)
+    for step in (0, 5, 10, 20):
+        hook(None, step)
+    err = capsys.readouterr().err
+    assert err.count("pretrain: warning: RankMe 2.00") == 2 and "at step 10 (epoch 1.00)" in err
+    assert [s for s, _ in tracker.logged] == [0, 5, 10, 20] and tracker.logged[0][1]["monitor_rankme"] == 2.0
+    assert health_metrics(rows.read()) == {"final_rankme": 2.0, "final_feature_spread": 0.5, "final_knn_top1": 0.3,
+                                           "min_rankme": 2.0} and health_metrics([]) == {}  # fmt: skip
+    MonitorHook(lambda encoder: values, mon, ipe=10, csv=None, tracker=None)(None, 20)  # another rank
+    assert capsys.readouterr().err == ""
+    assert plot_health([], None, tmp_path / "none.png").stat().st_size > 1000
