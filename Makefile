@@ -18,8 +18,10 @@ SEEDS ?= 0 1 2
 OBJECTIVE ?= ijepa
 STAGE ?= pretrain
 PREFIX ?= seeds
+GRID ?= scripts/study_demo.yaml
+STUDY_SEEDS ?= 0
 
-.PHONY: help setup repro seeds seed-table monitor-collapse params test test-fast lint format bench ui serve remote clean pretrain-slurm stage-slurm bench-gpu slurm-up slurm-down
+.PHONY: help setup repro seeds study seed-table monitor-collapse params test test-fast lint format bench ui serve remote clean pretrain-slurm stage-slurm bench-gpu slurm-up slurm-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}' | sed 's/$$(UI_PORT)/$(UI_PORT)/; s/$$(SERVE_PORT)/$(SERVE_PORT)/'
@@ -41,6 +43,9 @@ seeds: $(STAMP) ## the whole chain once per seed as DVC experiments (SEEDS="0 1 
 monitor-collapse: $(STAMP) ## pretrain at the collapsing lr 1.5e-3 (an experiment), then plot its health beside the workspace run's
 	dvc exp run --temp -n collapse-lr1.5e-3 -S optim.lr=0.0015 pretrain
 	$(PY) scripts/plot_monitor.py --exp collapse-lr1.5e-3 --label "demo (lr 1.5e-4)" --out docs/monitor_collapse.png
+
+study: $(STAMP) ## a recipe study: GRID's variants as DVC experiments (STUDY_SEEDS="0"), then one table of time and results
+	$(PY) scripts/recipe_study.py $(GRID) --seeds $(STUDY_SEEDS) $(ARGS)
 
 seed-table: $(STAMP) ## print the seed table of the experiments `make seeds` ran (PREFIX=seeds)
 	$(PY) scripts/seed_table.py --prefix $(PREFIX)

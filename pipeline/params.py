@@ -333,6 +333,7 @@ class FinetuneParams:
     in_memory: bool = False  # decode every split once and build batches in-process (small data sets)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     log_model: bool = True  # the classifier as an MLflow model, registered as ijepa-classifier
+    random_init: bool = True  # also train the architecture from a random start, same recipe (the baseline)
 
     def spec(self):
         """The ``ijepa.finetune.FinetuneSpec`` of these params."""

@@ -3,7 +3,8 @@
 Reads the experiments of the current commit whose names start with ``--prefix`` (``make seeds`` names
 them ``<prefix>-<objective>-seed<N>``), groups them by objective and prints a Markdown table of the
 gate's numbers: linear-probe top-1 (pretrained, random-init encoder, raw pixels, the gap), k-NN top-1 at
-k = 10 (pretrained, random init), segmentation mIoU (pretrained, random init) and finetuning top-1.
+k = 10 (pretrained, random init), segmentation mIoU (pretrained, random init) and finetuning top-1
+(pretrained, random init).
 Each group ends with its mean and sample standard deviation; ``--check`` exits 1 unless every seed of
 every group meets the demo gate (probe gap >= 5 points, k-NN and segmentation above random init).
 A second table (``--view protocols``) puts the frozen-feature protocols side by side: the linear probe, the
@@ -33,6 +34,7 @@ COLUMNS = [  # (header, metrics file, key path, scale)
     ("seg mIoU", "metrics/seg_eval.json", ("miou",), 100),
     ("seg rand", "metrics/seg_eval.json", ("random_init_miou",), 100),
     ("finetune", "metrics/finetune.json", ("top1",), 100),
+    ("finetune rand", "metrics/finetune.json", ("random_init_top1",), 100),
 ]
 PROTOCOLS = [  # the second table (--view protocols): the frozen-feature protocols side by side, and health
     ("linear", "metrics/linprobe.json", ("top1",), 100),

@@ -6,11 +6,16 @@ DVC skipped as unchanged are listed as cached. Peak memory is the largest reside
 the run (``getrusage(RUSAGE_CHILDREN).ru_maxrss``: the biggest single stage, not their sum).
 
     python scripts/time_repro.py [--json FILE] [-- dvc repro arguments]
+
+Each stage that ran is also recorded in ``outputs/stage_times.json`` under its run-cache key (the hash of its
+command, deps and params in dvc.lock), where ``scripts/recipe_study.py`` finds the time of a stage that DVC
+later restores from its run cache instead of running it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -18,15 +23,20 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import yaml
+
+TIMES = Path("outputs/stage_times.json")
 START = re.compile(rb"Running stage '([^']+)'")
 SKIP = re.compile(rb"Stage '([^']+)' didn't change, skipping")
 
 
-def run(args: list[str]) -> tuple[int, dict]:
-    """Run ``dvc repro *args``; returns (exit code, {"stages": {name: seconds or None}, "total_s", "peak_rss_mb"})."""
+def run(args: list[str], dvc: str = "dvc") -> tuple[int, dict]:
+    """Run ``dvc *args`` (``repro ...``, or ``exp run ...``, which prints the same lines); returns (exit code,
+    {"stages": {name: seconds or None}, "total_s", "peak_rss_mb"})."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["dvc", "repro", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([dvc, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     order: list[tuple[str, float]] = []
     seen = b""
     while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -47,12 +57,33 @@ def run(args: list[str]) -> tuple[int, dict]:
     return code, {"stages": stages, "total_s": round(end - t0, 1), "peak_rss_mb": round(peak_mb)}
 
 
+def stage_keys(lock_text: str) -> dict[str, str]:
+    """stage -> hash of its command, deps and params in a dvc.lock's text: what DVC's run cache is keyed on."""
+    keys = {}
+    for stage, entry in (yaml.safe_load(lock_text).get("stages") or {}).items():
+        ident = {"cmd": entry.get("cmd"), "params": entry.get("params"),
+                 "deps": [(d.get("path"), d.get("md5")) for d in entry.get("deps") or []]}  # fmt: skip
+        keys[stage] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return keys
+
+
+def record_times(stages: dict[str, float | None], lock_text: str, path: Path = TIMES) -> dict[str, float]:
+    """Add the stages that ran (seconds not None) to the record at ``path``, keyed ``stage:run-cache key``;
+    returns the whole record."""
+    times = json.loads(path.read_text()) if path.exists() else {}
+    keys = stage_keys(lock_text)
+    times |= {f"{s}:{keys[s]}": sec for s, sec in stages.items() if sec is not None and s in keys}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(times, indent=1, sort_keys=True))
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the timings to this JSON file")
     ap.add_argument("dvc_args", nargs="*", help="passed to `dvc repro` (after --)")
     args = ap.parse_args()
-    code, report = run(args.dvc_args)
+    code, report = run(["repro", *args.dvc_args])
     ran = {k: v for k, v in report["stages"].items() if v is not None}
     print(f"\n{'stage':<14}{'seconds':>9}")
     for name, sec in report["stages"].items():
@@ -64,6 +95,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if code == 0 and Path("dvc.lock").exists():
+        record_times(report["stages"], Path("dvc.lock").read_text())
     sys.exit(code)
 
 

@@ -1,5 +1,8 @@
 """finetune: the MAE recipe on the pretrained encoder; best epoch by val top-1, reported on test.
 
+With ``finetune.random_init`` the same architecture is also trained from a random initialisation with the same
+recipe, data order and budget (``random_init_top1`` in metrics/finetune.json): what pretraining buys.
+
 Distributed: under ``torchrun --nproc_per_node N -m stages.finetune`` or ``make stage-slurm STAGE=finetune``
 the classifier is trained with DDP (``finetune.batch_size`` per rank; the lr follows the effective batch),
 every rank evaluates its own share of val and test and the counts are summed; rank 0 alone writes.
@@ -25,6 +28,7 @@ from ijepa.finetune import (
     train_classifier,
     with_drop_path,
 )
+from ijepa.models.vit import VisionTransformer
 from pipeline import preemption
 from pipeline.distributed import distributed_stage
 from pipeline.models import example_images, register_model
@@ -35,81 +39,104 @@ from pipeline.stage import main
 
 SECTIONS = ("seed", "finetune", "tracking")
 SHARDS, OUT = Path("data/shards"), Path("models/finetune/classifier.pth")
+MODELS = ("pretrained", "random_init")  # random_init: the same architecture and recipe from a random start
+STATES = {"pretrained": "finetune", "random_init": "finetune-random_init"}  # under models/resume
 
 
 @distributed_stage("finetune.device")
 def run(params: dict, ctx, tracker, device) -> dict:
     p, seed = section(params, "finetune"), section(params, "seed")
-    encoder = with_drop_path(load_encoder(ctx.root / p.checkpoint, which=p.which), p.drop_path)
+    encoder = load_encoder(ctx.root / p.checkpoint, which=p.which)
     manifest = read_manifest(ctx.root / SHARDS)
-    model = Classifier(encoder, len(manifest["classes"])).to(device)
-    if ctx.world_size > 1:  # DDP starts every rank from rank 0's weights; augmentation and drop path then
-        torch.manual_seed(seed + 1_000_003 * ctx.rank)  # draw differently on each rank (rank 0 as one process)
     crop = encoder.img_size[0]
     pre = Preprocess(crop, p.resize_size or crop)
     train = manifest["splits"]["train"]
     steps = train["count"] // (p.batch_size * p.accum_steps * ctx.world_size)
     train_batches, eval_batches, normalize, urls = _data(ctx, p, manifest, pre, seed, steps)
+    prepare = lambda x: normalize(x, device)  # noqa: E731
     # resumed after a kill or a preemption from the last finished epoch, under the same params, data and encoder
     key = run_key(
         params, ("seed", "finetune"), exclude={"finetune": ("log_model", "stall_timeout_s")},
         world_size=ctx.world_size, train=shards_key(train), checkpoint=file_key(ctx.root / p.checkpoint),
     )  # fmt: skip
-    state = EpochState(ctx.root, "finetune", key, is_main=ctx.is_main)
-    best_path = state.companion("best.pth")  # outside models/finetune, which DVC deletes before a rerun
-    bar = tqdm(total=steps * p.epochs, desc="finetune", mininterval=5, disable=not ctx.is_main)
+    states = {n: EpochState(ctx.root, STATES[n], key, stage="finetune", is_main=ctx.is_main) for n in MODELS}
+    metrics, rows, split = {}, {}, "test" if "test" in urls else "val"
+    for name in MODELS if p.random_init else MODELS[:1]:
+        model = _classifier(name, encoder, p, seed, ctx, len(manifest["classes"])).to(device)
+        state = states[name]
+        result = _train(name, model, p, state, steps, train_batches, eval_batches, prepare, pre, manifest, ctx,
+                        tracker, device)  # fmt: skip
+        if result is None:
+            print(f"finetune: stopped; {state.path} resumes from the last finished epoch", flush=True)
+            return {"stopped": True}
+        barrier()  # rank 0 has written the best classifier
+        best, _, _ = load_classifier(state.companion("best.pth"))
+        test = evaluate(best.to(device), eval_batches(split), prepare=prepare, device=device)
+        got = {"top1": test["top1"], "top5": test["top5"], "val_top1": result["val_top1"],
+               "best_epoch": result["best_epoch"], "best_weights": result["weights"]}  # fmt: skip
+        metrics |= {k if name == "pretrained" else f"{name}_{k}": v for k, v in got.items()}
+        metrics |= {"lr": result["lr"], "steps": result["steps"], "world_size": ctx.world_size}
+        for r in result["history"]:
+            rows.setdefault(r["epoch"], {"epoch": r["epoch"]}).update({f"{name}_{k}": v for k, v in r.items()})
+    if "random_init_top1" in metrics:
+        metrics["gap_vs_random_init"] = round(metrics["top1"] - metrics["random_init_top1"], 5)
+    if not ctx.is_main:
+        return metrics
+    (ctx.root / OUT).parent.mkdir(parents=True, exist_ok=True)
+    states["pretrained"].companion("best.pth").replace(ctx.root / OUT)
+    for state in states.values():
+        state.companion("best.pth").unlink(missing_ok=True)  # the random-init classifier: its metrics only
+        state.finish()
+    write_json(ctx.root / "metrics/finetune.json", metrics)
+    curves = [f"{n}_{k}" for n in MODELS if f"{n}_train_loss" in rows[1] for k in ("train_loss", "model_val_top1")]
+    png = plot_series(list(rows.values()), "epoch", curves, ctx.root / "plots/finetune.png", "finetuning")
+    tracker.log_artifact(png, "plots")
+    if p.log_model:
+        best, _, _ = load_classifier(ctx.root / OUT)
+        example = example_images(urls[split], pre.crop_size, pre.resize_size)
+        register_model(tracker, ctx, section(params, "tracking"), "classifier", best, example)
+    return metrics
+
+
+def _classifier(name: str, encoder, p, seed: int, ctx, num_classes: int) -> Classifier:
+    """The classifier on the pretrained encoder, or (``random_init``) on the same architecture drawn from the
+    seed; every rank draws its augmentation and drop path differently afterwards (DDP starts from rank 0's
+    weights)."""
+    if name == "random_init":
+        torch.manual_seed(seed + 2)
+        encoder = VisionTransformer(**encoder.arch())
+    torch.manual_seed(seed + 1)  # the same head initialisation for both
+    model = Classifier(with_drop_path(encoder, p.drop_path), num_classes)
+    if ctx.world_size > 1:
+        torch.manual_seed(seed + 1_000_003 * ctx.rank)
+    return model
+
+
+def _train(name, model, p, state, steps, train_batches, eval_batches, prepare, pre, manifest, ctx, tracker, device):
+    """One classifier through ``train_classifier``, its epochs logged to MLflow under ``<name>_`` keys."""
+    bar = tqdm(total=steps * p.epochs, desc=f"finetune {name}", mininterval=5, disable=not ctx.is_main)
+    log = lambda e, row: tracker.log_metrics({f"{name}_{k}": v for k, v in row.items() if k != "epoch"}, step=e)  # noqa: E731
     try:
-        result = train_classifier(
+        return train_classifier(
             ddp(model, device),
             p.spec(),
             steps_per_epoch=steps,
             train_batches=train_batches,
             eval_batches=eval_batches,
-            prepare=lambda x: normalize(x, device),
+            prepare=prepare,
             device=device,
-            best_path=best_path,
+            best_path=state.companion("best.pth"),  # outside models/finetune, which DVC deletes before a rerun
             class_names=manifest["classes"],
             preprocess=pre,
             world_size=ctx.world_size,
             is_main=ctx.is_main,
-            on_epoch=lambda e, row: tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=e),
+            on_epoch=log,
             progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
             state=state,
             should_stop=lambda: any_rank(preemption.requested(), device),
         )
     finally:
         bar.close()
-    if result is None:
-        print(f"finetune: stopped; {state.path} resumes from the last finished epoch", flush=True)
-        return {"stopped": True}
-    barrier()  # rank 0 has written the best classifier
-    best, _, _ = load_classifier(best_path)
-    split = "test" if "test" in urls else "val"
-    test = evaluate(best.to(device), eval_batches(split), prepare=lambda x: normalize(x, device), device=device)
-    if not ctx.is_main:
-        return {"top1": test["top1"]}
-    metrics = {
-        "top1": test["top1"],
-        "top5": test["top5"],
-        "val_top1": result["val_top1"],
-        "best_epoch": result["best_epoch"],
-        "best_weights": result["weights"],
-        "lr": result["lr"],
-        "steps": result["steps"],
-        "world_size": ctx.world_size,
-    }
-    (ctx.root / OUT).parent.mkdir(parents=True, exist_ok=True)
-    best_path.replace(ctx.root / OUT)
-    state.finish()
-    write_json(ctx.root / "metrics/finetune.json", metrics)
-    png = plot_series(
-        result["history"], "epoch", ["train_loss", "model_val_top1"], ctx.root / "plots/finetune.png", "finetuning"
-    )
-    tracker.log_artifact(png, "plots")
-    if p.log_model:
-        example = example_images(urls[split], pre.crop_size, pre.resize_size)
-        register_model(tracker, ctx, section(params, "tracking"), "classifier", best, example)
-    return metrics
 
 
 def _data(ctx, p, manifest: dict, pre: Preprocess, seed: int, steps: int):

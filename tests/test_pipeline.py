@@ -41,7 +41,11 @@ seg_prepare:
 """
 
 
-def sh(repo: Path, *cmd: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def sh(
+    repo: Path, *cmd: str, check: bool = True, env: dict | None = None, log: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``repo`` with the project's .venv first on PATH; its output captured, or written to ``log``
+    (for commands that leave daemons behind, which would hold a pipe open)."""
     base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
     full_env = {
         **base,
@@ -54,7 +58,12 @@ def sh(repo: Path, *cmd: str, check: bool = True, env: dict | None = None) -> su
         "GIT_COMMITTER_EMAIL": "t@t",
         **(env or {}),
     }
-    r = subprocess.run(cmd, cwd=repo, env=full_env, capture_output=True, text=True, timeout=600)
+    if log is not None:
+        with open(log, "w") as f:
+            r = subprocess.run(cmd, cwd=repo, env=full_env, stdout=f, stderr=subprocess.STDOUT, text=True, timeout=600)
+        r.stdout, r.stderr = log.read_text(), ""
+    else:
+        r = subprocess.run(cmd, cwd=repo, env=full_env, capture_output=True, text=True, timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
@@ -128,6 +137,14 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     ):
         assert (repo / f"metrics/{stage}.json").is_file(), stage
     assert set(json.loads((repo / "metrics/linprobe.json").read_text())) >= {"top1", "random_init_top1", "pixels_top1"}
+    ft = json.loads((repo / "metrics/finetune.json").read_text())  # the same recipe from a random start beside it
+    assert (
+        ft["gap_vs_random_init"] == round(ft["top1"] - ft["random_init_top1"], 5) and 0 <= ft["random_init_top1"] <= 1
+    )
+    assert not list((repo / "models/resume").glob("finetune*")) and (repo / "models/finetune/classifier.pth").is_file()
+    recorded = json.loads((repo / "outputs/stage_times.json").read_text())  # for scripts/recipe_study.py
+    assert sorted(k.split(":")[0] for k in recorded) == sorted(timed["stages"])
+    assert sorted(recorded.values()) == sorted(timed["stages"].values())
     t0 = time.perf_counter()
     again = sh(repo, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout and time.perf_counter() - t0 < 20
@@ -393,17 +410,49 @@ def test_seed_runs_and_their_table(repo):
     assert r.returncode != 0 and "no experiment named nothing-such*" in r.stderr
 
 
+def test_a_recipe_study_runs_its_grid_once_and_tabulates_time_and_results(repo):
+    """make study: each variant an experiment; the base variant's stages all come from DVC's run cache and take
+    their times from the chain's record, the changed one's linprobe is timed as it runs."""
+    (repo / "grid.yaml").write_text(
+        "prefix: st\nstages: [linprobe]\nvariants:\n  base: []\n  lp5: [linprobe.epochs=5]\n"
+    )
+    before = json.loads((repo / "outputs/stage_times.json").read_text())
+    r = sh(repo, sys.executable, "scripts/recipe_study.py", "grid.yaml")
+    assert "Running stage 'linprobe'" in r.stdout and "st-base-s0: dvc exp run" in r.stdout
+    after = json.loads((repo / "outputs/stage_times.json").read_text())
+    assert [k.split(":")[0] for k in set(after) - set(before)] == ["linprobe"]  # only lp5's linprobe ran
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"| variant", "| base", "| lp5"}
+    header = rows["| variant"]
+    for variant in ("| base", "| lp5"):
+        cells = dict(zip(header, rows[variant], strict=True))
+        assert cells["seeds"] == "1" and float(cells["linear val"]) > 0 and float(cells["finetune s"]) > 0
+    again = sh(repo, sys.executable, "scripts/recipe_study.py", "grid.yaml", "--table")
+    assert "dvc exp run" not in again.stdout and again.stdout.splitlines()[-3:] == r.stdout.splitlines()[-3:]
+    bad = repo / "bad.yaml"
+    bad.write_text("variants:\n  x: [linprobe.epochs]\n")
+    r = sh(repo, sys.executable, "scripts/recipe_study.py", "bad.yaml", check=False)
+    assert r.returncode != 0 and "variants.x must be a list of key=value strings" in r.stderr
+
+
 def test_queued_sweep_keeps_its_mlflow_artifacts(repo):
     """Two queued experiments run side by side (two workers) into the one sqlite store: both complete (each the
     pretrain stage, whose runs the assertions read)."""
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "optim.lr=0.001,0.002", "pretrain")
-    sh(repo, "dvc", "queue", "start", "-j", "2")
+    # the workers are daemons that inherit `dvc queue start`'s output: a file, not a pipe, so that a worker which
+    # outlives its tasks cannot hang this test. Two workers share kombu's filesystem broker, whose messages a
+    # worker can read half-written (JSONDecodeError; DVC issues #10398, #10428): its idle monitor then dies and
+    # the worker stays up after its task, so the test stops the workers once both experiments are done
+    sh(repo, "dvc", "queue", "start", "-j", "2", log=repo / "queue_start.log")
     deadline = time.time() + 400
-    while time.time() < deadline:
-        status = sh(repo, "dvc", "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
+    try:
+        while time.time() < deadline:
+            status = sh(repo, "dvc", "queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+    finally:
+        sh(repo, "dvc", "queue", "stop", check=False)
     assert status.count("Success") >= 2, status
     _, _, runs = mlflow_runs(repo, "tags.`ijepa.stage` = 'pretrain'")
     lrs = {r.data.params.get("optim.lr") for r in runs}

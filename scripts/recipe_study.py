@@ -1,0 +1,186 @@
+"""A recipe study: a grid of DVC experiments, one per variant and seed, and one table of each variant's stage
+time and results against their baselines.
+
+    python scripts/recipe_study.py scripts/study_demo.yaml [--seeds 0 1 2] [--only NAME ...] [--table]
+
+The grid file names the experiments' prefix, the stages to run (all of them when absent) and the variants,
+each a list of ``key=value`` params overrides (``dvc exp run -S``)::
+
+    prefix: study
+    stages: [finetune]          # optional: dvc exp run's targets
+    variants:
+      base: []
+      ft-ep4: [finetune.epochs=4, finetune.warmup_epochs=0.5]
+
+Every variant and seed runs as ``dvc exp run --temp -n <prefix>-<variant>-s<seed> -S seed=<seed> -S ...``
+(the workspace is left alone; an experiment of that name already in ``dvc exp show`` is not run again, so an
+interrupted study resumes and ``--table`` prints the table of what has run). Stages whose deps and params an
+earlier run already had are restored from DVC's run cache: each stage's measured wall time (from DVC's
+"Running stage" line to the next, as ``scripts/time_repro.py`` measures) is kept under the hash of its
+command, deps and params in ``outputs/stage_times.json`` (``make repro`` records its stages there too), so a
+variant's time is the sum over its stages of what they took when they ran; a stage whose time was never
+recorded leaves the total empty. Results are read from each experiment's metrics files: compare the variants
+on the validation columns (``val``) and report them on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.time_repro import TIMES, record_times, stage_keys
+from scripts.time_repro import run as timed_run
+
+COLUMNS = [  # (header, metrics file, key path, scale); "val" columns choose, the others report
+    ("linear val", "metrics/linprobe.json", ("val_top1",), 100),
+    ("linear", "metrics/linprobe.json", ("top1",), 100),
+    ("linear rand", "metrics/linprobe.json", ("random_init_top1",), 100),
+    ("linear pixels", "metrics/linprobe.json", ("pixels_top1",), 100),
+    ("attentive val", "metrics/attnprobe.json", ("val_top1",), 100),
+    ("attentive", "metrics/attnprobe.json", ("top1",), 100),
+    ("attentive rand", "metrics/attnprobe.json", ("random_init_top1",), 100),
+    ("1%", "metrics/lowshot.json", ("1pct", "pretrained", "mean"), 100),
+    ("1% pixels", "metrics/lowshot.json", ("1pct", "pixels", "mean"), 100),
+    ("k-NN val", "metrics/knn.json", ("val_top1", "k10"), 100),
+    ("k-NN", "metrics/knn.json", ("top1", "k10"), 100),
+    ("k-NN rand", "metrics/knn.json", ("random_init_top1", "k10"), 100),
+    ("finetune val", "metrics/finetune.json", ("val_top1",), 100),
+    ("finetune", "metrics/finetune.json", ("top1",), 100),
+    ("finetune rand", "metrics/finetune.json", ("random_init_top1",), 100),
+    ("seg mIoU (val)", "metrics/seg_eval.json", ("miou",), 100),
+    ("seg rand", "metrics/seg_eval.json", ("random_init_miou",), 100),
+]
+
+
+def _dvc() -> str:
+    beside = Path(sys.executable).parent / "dvc"  # the project's .venv, when it is not on PATH
+    found = str(beside) if beside.exists() else shutil.which("dvc")
+    if found is None:
+        sys.exit("dvc not found: activate the project's .venv")
+    return found
+
+
+def load_grid(path: Path) -> dict:
+    grid = yaml.safe_load(path.read_text())
+    if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict) or not grid["variants"]:
+        sys.exit(f"{path}: needs a 'variants' mapping of name -> list of key=value overrides")
+    for name, sets in grid["variants"].items():
+        if not isinstance(sets, list) or not all(isinstance(s, str) and "=" in s for s in sets):
+            sys.exit(f"{path}: variants.{name} must be a list of key=value strings, got {sets!r}")
+    grid.setdefault("prefix", path.stem)
+    grid.setdefault("stages", [])
+    return grid
+
+
+def experiments(show: list[dict]) -> dict[str, dict]:
+    """name -> {"rev", "data"} of every finished experiment in `dvc exp show --json`."""
+    found = {}
+    for commit in show:
+        for exp in commit.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") in ("queued", "running", "failed"):
+                continue
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name")
+                if name and rev.get("data") and not rev.get("error"):
+                    found[name] = {"rev": rev.get("rev"), "data": rev["data"]}
+    return found
+
+
+def lock_of(rev: str) -> str:
+    """The dvc.lock of an experiment's commit."""
+    return subprocess.run(["git", "show", f"{rev}:dvc.lock"], check=True, capture_output=True, text=True).stdout
+
+
+def _dig(tree, path):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def row(name: str, exp: dict, times: dict) -> dict:
+    data = exp["data"]
+    r = {"name": name}
+    for header, path, keys, scale in COLUMNS:
+        v = _dig(data, ("metrics", path, "data", *keys))
+        r[header] = None if v is None else v * scale
+    stage_times = {s: times.get(f"{s}:{k}") for s, k in stage_keys(lock_of(exp["rev"])).items()}
+    r["stage_times"] = stage_times
+    r["seconds"] = None if None in stage_times.values() else sum(stage_times.values())
+    r["pretrain s"] = stage_times.get("pretrain")
+    r["finetune s"] = stage_times.get("finetune")
+    return r
+
+
+SECONDS = ("seconds", "pretrain s", "finetune s")
+
+
+def table(rows_by_variant: dict[str, list[dict]]) -> str:
+    """One row per variant: its value, or mean +- sd over its seeds."""
+    headers = ["variant", "seeds", *SECONDS, *[h for h, *_ in COLUMNS]]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for variant, rows in rows_by_variant.items():
+        cells = [variant, str(len(rows))]
+        for h in headers[2:]:
+            vals, digits = [r[h] for r in rows if r[h] is not None], 0 if h in SECONDS else 1
+            if not vals:
+                cells.append("")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.{digits}f}")
+            else:
+                cells.append(f"{statistics.mean(vals):.{digits}f} +- {statistics.stdev(vals):.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("grid", type=Path, help="the study's YAML file (prefix, stages, variants)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--only", nargs="+", help="run only these variants (the table shows every one that has run)")
+    ap.add_argument("--table", action="store_true", help="print the table of what has run; run nothing")
+    args = ap.parse_args()
+    grid = load_grid(args.grid)
+    dvc, prefix = _dvc(), grid["prefix"]
+    times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
+
+    def show() -> dict[str, dict]:
+        out = subprocess.run([dvc, "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+        return experiments(json.loads(out))
+
+    done = show()
+    names = {v: [f"{prefix}-{v}-s{s}" for s in args.seeds] for v in grid["variants"]}
+    for variant, sets in grid["variants"].items():
+        if args.table or (args.only and variant not in args.only):
+            continue
+        for seed, name in zip(args.seeds, names[variant], strict=True):
+            if name in done:
+                print(f"{name}: already run", flush=True)
+                continue
+            cmd = ["exp", "run", "--temp", "-n", name, "-S", f"seed={seed}"]
+            cmd += [a for s in sets for a in ("-S", s)] + list(grid["stages"])
+            print(f"\n{name}: dvc {' '.join(cmd)}", flush=True)
+            code, report = timed_run(cmd, dvc=dvc)
+            if code != 0:
+                sys.exit(f"{name}: dvc exp run failed (exit code {code})")
+            done = show()
+            times = record_times(report["stages"], lock_of(done[name]["rev"]))
+    rows = {v: [row(n, done[n], times) for n in ns if n in done] for v, ns in names.items()}
+    rows = {v: rs for v, rs in rows.items() if rs}
+    if not rows:
+        sys.exit(f"no experiment of {args.grid} has run yet")
+    print(f"\n{prefix}: test top-1 and mIoU in %, choose on the val columns; seconds: the chain's stage time\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
