@@ -32,6 +32,8 @@ class PrepareParams:
     val_fraction: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
     max_per_class: int | None = spec(None, positive, "be > 0 (or null for all)")
     test_max_per_class: int | None = spec(None, positive, "be > 0 (or null for all)")
+    # training images per class past max_per_class, written as the `unlabeled` split (pretraining only)
+    unlabeled_per_class: int | None = spec(0, non_negative, "be >= 0 (or null for all past max_per_class)")
     shard_size: int = spec(1000, positive, "be > 0")
     workers: int = spec(2, positive, "be > 0")
 
@@ -137,6 +139,9 @@ class PretrainParams:
     save_every_epochs: int = spec(0, non_negative, "be >= 0")
     monitor: MonitorParams = field(default_factory=MonitorParams)
     log_model: bool = True  # the target encoder as an MLflow model, registered as ijepa-encoder
+    splits: tuple[str, ...] = spec(
+        ("train",), lambda v: len(v) > 0 and len(set(v)) == len(v), "name each split once, at least one"
+    )  # the shards' splits pretraining reads: train, and unlabeled where prepare.unlabeled_per_class wrote it
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ijepa.data import eval_loader, eval_transform, pretrain_loader, read_manifest, shard_urls
+from ijepa.data import eval_loader, eval_transform, labelled_splits, pretrain_loader, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
 from ijepa.distributed import any_rank
 from ijepa.eval.attentive import train_attentive_probe
@@ -86,7 +86,7 @@ def _streamed(params: dict, ctx, p, ex, seed: int, device) -> dict | None:
     ckpt = ctx.root / ex.checkpoint
     encoders = frozen_encoders(ckpt, ex.which, seed, device) | {"pixels": None}
     transform = eval_transform(ex.crop_size or encoders["pretrained"].img_size[0], ex.resize_size)
-    urls = {s: shard_urls(ctx.root / SHARDS, s) for s in manifest["splits"]}
+    urls = {s: shard_urls(ctx.root / SHARDS, s) for s in labelled_splits(manifest)}
     shard = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=ex.num_workers, stall_timeout=ex.stall_timeout_s)
     normalize = Normalize()
     # what a resume file must match: every setting that changes a probe, the data and the encoder's weights

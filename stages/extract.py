@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ijepa.data import eval_loader, eval_transform, read_manifest, shard_urls
+from ijepa.data import eval_loader, eval_transform, labelled_splits, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
 from ijepa.distributed import gather_to_main
 from ijepa.eval.features import extract_features, frozen_encoders, merge_features, save_features
@@ -39,7 +39,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
     normalize = Normalize()
     out: dict[str, dict] = {"pretrained": {}, "random_init": {}, "pixels": {}}
     tokens: dict[str, dict] = {name: {} for name in out}
-    for split, info in manifest["splits"].items():
+    for split in labelled_splits(manifest):  # not the unlabeled images, which only pretraining reads
+        info = manifest["splits"][split]
         loader = eval_loader(
             shard_urls(ctx.root / SHARDS, split),
             batch_size=p.batch_size,

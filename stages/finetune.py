@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ijepa.checkpoint import load_encoder
-from ijepa.data import eval_loader, eval_transform, pretrain_transform, read_manifest, shard_urls
+from ijepa.data import eval_loader, eval_transform, labelled_splits, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.loaders import Normalize
 from ijepa.data.memory import decode_split, epoch_batches, memory_eval_batches
 from ijepa.distributed import any_rank, barrier, ddp
@@ -147,7 +147,7 @@ def _data(ctx, p, manifest: dict, pre: Preprocess, seed: int, steps: int):
     train_tf = pretrain_transform(
         pre.crop_size, crop_scale=p.crop_scale, horizontal_flip=p.horizontal_flip, rand_augment=p.rand_augment
     )
-    urls = {s: shard_urls(ctx.root / SHARDS, s) for s in manifest["splits"]}
+    urls = {s: shard_urls(ctx.root / SHARDS, s) for s in labelled_splits(manifest)}
     decoded = {s: decode_split(u, setting="finetune.in_memory") for s, u in urls.items()} if p.in_memory else {}
     eval_tf = eval_transform(pre.crop_size, pre.resize_size)
     shard = dict(rank=ctx.rank, world_size=ctx.world_size)

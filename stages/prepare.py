@@ -35,6 +35,7 @@ def run(params: dict, ctx, tracker) -> dict:
     common = dict(
         val_fraction=p.val_fraction,
         max_per_class=p.max_per_class,
+        unlabeled_per_class=p.unlabeled_per_class,
         seed=seed,
         shard_size=p.shard_size,
         workers=p.workers,

@@ -1,4 +1,5 @@
-"""pretrain: I-JEPA on data/shards/train -> models/pretrain/jepa-latest.pth.tar, loss/lr/EMA curves.
+"""pretrain: I-JEPA on the shards' train split (and any other ``pretrain.splits`` names) ->
+models/pretrain/jepa-latest.pth.tar, loss/lr/EMA curves.
 
 An interrupted run resumes from the latest checkpoint on the next ``dvc repro`` (the output is persistent);
 a checkpoint written under different params, a different world size or other training shards is set aside
@@ -46,7 +47,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
     optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
     check_mask_geometry(mask, data)
     manifest = read_manifest(ctx.root / SHARDS)
-    train_split = manifest["splits"]["train"]
+    train_split = _training_split(ctx.root / SHARDS, manifest, pre.splits)
     ipe = train_split["count"] // (pre.batch_size * ctx.world_size)
     if ipe < 1:
         raise ParamError(
@@ -117,12 +118,29 @@ def run(params: dict, ctx, tracker, device) -> dict:
     return _outputs(ctx, tracker, params, result, steps_csv.read(), monitor_csv.read(), health, hook, speed, ipe)
 
 
+def _training_split(shard_dir: Path, manifest: dict, splits: tuple[str, ...]) -> dict:
+    """The splits ``pretrain.splits`` names as one: {"count", "shards", "urls"} (e.g. train and the unlabeled
+    images that prepare.unlabeled_per_class adds)."""
+    missing = [s for s in splits if s not in manifest["splits"]]
+    if missing:
+        raise ParamError(
+            f"pretrain.splits: {missing} not in {shard_dir} (it has {sorted(manifest['splits'])}); the unlabeled "
+            "split comes from prepare.unlabeled_per_class"
+        )
+    infos = [manifest["splits"][s] for s in splits]
+    return {
+        "count": sum(i["count"] for i in infos),
+        "shards": [shard for i in infos for shard in i["shards"]],
+        "urls": [u for s in splits for u in shard_urls(shard_dir, s)],
+    }
+
+
 def _batches(ctx, data, mask, pre, seed: int, train_split: dict, ipe: int, device):
     """``make_batches`` of ``ijepa.pretrain.pretrain``: normalised images and masks of one epoch from a step on.
 
     The epoch's stream is fixed by (seed, epoch, rank) and masks by the step: a run resumed inside an epoch
     (after a preemption) rebuilds the epoch and skips the batches it already trained on."""
-    urls = shard_urls(ctx.root / SHARDS, "train")
+    urls = train_split["urls"]
     collator = mask_collator(mask, data, seed=seed, rank=ctx.rank)
     transform = pretrain_transform(
         data.crop_size, crop_scale=data.crop_scale, horizontal_flip=data.horizontal_flip,

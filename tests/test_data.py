@@ -75,6 +75,33 @@ def all_samples(out: Path, split: str, transform=None) -> list[tuple[torch.Tenso
     ]
 
 
+def test_the_unlabeled_split_takes_images_past_the_cap_and_changes_no_other_split(tmp_path):
+    src = mini_fashion_mnist(tmp_path / "fm", n_train=100)  # 10 per class
+    common = dict(val_fraction=0.25, max_per_class=4, shard_size=8, workers=1, progress=False)
+    plain = prepare_fashion_mnist(src, tmp_path / "plain", **common)
+    more = prepare_fashion_mnist(src, tmp_path / "more", unlabeled_per_class=3, **common)
+    every = prepare_fashion_mnist(src, tmp_path / "every", unlabeled_per_class=None, **common)
+    assert "unlabeled" not in plain["splits"] and more["source"]["unlabeled_per_class"] == 3
+    assert more["splits"]["unlabeled"]["per_class"] == dict.fromkeys(more["classes"], 3)
+    assert every["splits"]["unlabeled"]["count"] == 60  # all 6 per class past the cap of 4
+
+    def sources(out, split):
+        import webdataset as wds
+
+        samples = wds.WebDataset(shard_urls(out, split), shardshuffle=False, empty_check=False)
+        return [json.loads(sample["json"])["source"] for sample in samples]
+
+    for split in ("train", "val", "test"):  # byte-identical labelled splits with or without it
+        assert [s["sha256"] for s in more["splits"][split]["shards"]] == [
+            s["sha256"] for s in plain["splits"][split]["shards"]
+        ]
+    labelled = {x for split in ("train", "val") for x in sources(tmp_path / "more", split)}
+    unlabeled = set(sources(tmp_path / "more", "unlabeled"))
+    assert (
+        len(unlabeled) == 30 and not unlabeled & labelled and unlabeled <= set(sources(tmp_path / "every", "unlabeled"))
+    )
+
+
 def test_image_folder_round_trip(tmp_path):
     src = make_folder(tmp_path / "train")
     make_folder(tmp_path / "val", per_class=2)

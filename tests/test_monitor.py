@@ -17,7 +17,9 @@ import yaml
 from ijepa.models.vit import VisionTransformer
 from ijepa.monitor import CollapseError, HealthMonitor, feature_spread, rankme
 from ijepa.pretrain import pretrain
+from pipeline.params import ParamError
 from pipeline.stage import run_stage
+from stages import prepare
 from stages import pretrain as pretrain_stage
 
 from .conftest import step_batches, tiny_collator
@@ -170,3 +172,18 @@ def test_the_monitor_hook_writes_rows_warns_after_the_grace_and_plots(tmp_path, 
     MonitorHook(lambda encoder: values, mon, ipe=10, csv=None, tracker=None)(None, 20)  # another rank
     assert capsys.readouterr().err == ""
     assert plot_health([], None, tmp_path / "none.png").stat().st_size > 1000
+
+
+def test_pretraining_reads_the_unlabeled_split_that_prepare_adds(tmp_path):
+    """prepare.unlabeled_per_class writes the images past max_per_class as `unlabeled`; pretrain.splits adds them
+    to its epochs (one epoch = every image of both splits), and names a split the shards lack."""
+    root, params = _project(tmp_path / "p", 1)
+    params["prepare"] |= {"max_per_class": 12, "unlabeled_per_class": None}
+    params["pretrain"] |= {"splits": ["train", "nope"], "monitor": params["pretrain"]["monitor"] | {"enabled": False}}
+    shards = run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
+    assert (shards["train_images"], shards["val_images"], shards["unlabeled_images"]) == (110, 10, 80)
+    with pytest.raises(ParamError, match=r"pretrain\.splits: \['nope'\] not in .*unlabeled"):
+        run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    params["pretrain"]["splits"] = ["train", "unlabeled"]
+    metrics = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert metrics["ipe"] == metrics["steps"] == (110 + 80) // 8

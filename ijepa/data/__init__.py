@@ -1,7 +1,7 @@
 """Data: preparing WebDataset shards and streaming them for pretraining and evaluation."""
 
 from .loaders import decode_image, eval_loader, eval_transform, pretrain_loader, pretrain_transform
-from .shards import prepare_fashion_mnist, prepare_image_folder, read_manifest, shard_urls
+from .shards import labelled_splits, prepare_fashion_mnist, prepare_image_folder, read_manifest, shard_urls
 from .sources import find_fashion_mnist
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "eval_loader",
     "eval_transform",
     "find_fashion_mnist",
+    "labelled_splits",
     "prepare_fashion_mnist",
     "prepare_image_folder",
     "pretrain_loader",

@@ -36,6 +36,8 @@ from .sources import (
 from .workers import worker_context
 
 MANIFEST = "manifest.json"
+# the splits with labels that evaluation reads; `unlabeled` (prepare.unlabeled_per_class) is for pretraining only
+LABELLED_SPLITS = ("train", "val", "test")
 _MTIME = 0  # fixed integer tar header time: reproducible bytes, and no PAX header per member (a float forces one)
 
 
@@ -62,21 +64,26 @@ def _encode(item_ref: object) -> Clean | str:
         return f"unreadable file: {e}"
 
 
-def _stratified(items: Sequence[Item], rng: random.Random, per_class: int | None, fraction: float):
-    """Per class: shuffle, keep ``per_class`` (None = all), split off ``fraction`` -> (kept, carved)."""
+def _stratified(
+    items: Sequence[Item], rng: random.Random, per_class: int | None, fraction: float, beyond: int | None = 0
+):
+    """Per class: shuffle, keep ``per_class`` (None = all), split off ``fraction`` -> (kept, carved, extra), where
+    extra holds up to ``beyond`` more images per class from those past ``per_class`` (None: all of them)."""
     by_class: dict[int, list[Item]] = {}
     for it in items:
         by_class.setdefault(it.label, []).append(it)
-    kept, carved = [], []
+    kept, carved, extra = [], [], []
     for label in sorted(by_class):
         group = by_class[label]
         rng.shuffle(group)
         if per_class is not None:
+            rest = group[per_class:]
+            extra += rest if beyond is None else rest[:beyond]
             group = group[:per_class]
         n_carve = round(len(group) * fraction)
         carved += group[:n_carve]
         kept += group[n_carve:]
-    return kept, carved
+    return kept, carved, extra
 
 
 class SplitTooSmall(DataError):
@@ -240,6 +247,7 @@ def prepare_image_folder(
     test_dir: str | Path | None = None,
     val_fraction: float = 0.05,
     max_per_class: int | None = None,
+    unlabeled_per_class: int | None = 0,
     seed: int = 0,
     shard_size: int = 1000,
     workers: int = 2,
@@ -254,6 +262,8 @@ def prepare_image_folder(
         test_dir: optional held-out tree with the same classes (ImageNet ``val/``), written as ``test``.
         val_fraction: share of each training class carved into ``val``.
         max_per_class: cap per class in train (before carving) and test; None = all.
+        unlabeled_per_class: up to this many more training images per class, past ``max_per_class``, written
+            as the ``unlabeled`` split (pretraining data that no probe or classifier reads; None: all of them).
         seed, shard_size, workers, progress: shuffling seed, samples per shard, encoding processes, bar.
         warn: receives warnings (empty class folders).
     Returns:
@@ -264,17 +274,20 @@ def prepare_image_folder(
     scan = scan_image_folder(train_dir)
     rng = random.Random(seed)
     as_items = lambda root, pairs: [Item(rel, lbl, str(Path(root) / rel)) for rel, lbl in pairs]  # noqa: E731
-    train, val = _stratified(as_items(train_dir, scan.items), rng, max_per_class, val_fraction)
+    items = as_items(train_dir, scan.items)
+    train, val, unlabeled = _stratified(items, rng, max_per_class, val_fraction, unlabeled_per_class)
     check_split_sizes(train, val, scan.classes, val_fraction)
     splits = {"train": train, "val": val}
     warns, skipped = list(scan.warnings), [{"split": "train", **s} for s in scan.skipped]
     if test_dir is not None:
         tscan = scan_image_folder(test_dir, classes=scan.classes)
-        splits["test"], _ = _stratified(as_items(test_dir, tscan.items), rng, max_per_class, 0.0)
+        splits["test"], _, _ = _stratified(as_items(test_dir, tscan.items), rng, max_per_class, 0.0)
         warns += tscan.warnings
         skipped += [{"split": "test", **s} for s in tscan.skipped]
     if not val:
         splits.pop("val")
+    if unlabeled:
+        splits["unlabeled"] = unlabeled
     for w in warns:
         warn(f"warning: {w}")
     source = {
@@ -283,6 +296,7 @@ def prepare_image_folder(
         "test_dir": str(test_dir) if test_dir else None,
         "val_fraction": val_fraction,
         "max_per_class": max_per_class,
+        "unlabeled_per_class": unlabeled_per_class,
     }
     return write_dataset(
         splits,
@@ -305,6 +319,7 @@ def prepare_fashion_mnist(
     val_fraction: float = 0.1,
     max_per_class: int | None = None,
     test_max_per_class: int | None = None,
+    unlabeled_per_class: int | None = 0,
     seed: int = 0,
     shard_size: int = 1000,
     workers: int = 2,
@@ -315,28 +330,34 @@ def prepare_fashion_mnist(
     Args:
         src_dir: folder with the four ``*-ubyte.gz`` files (see ``sources.find_fashion_mnist``).
         max_per_class / test_max_per_class: per-class caps for train (before carving) and test.
-        Others as ``prepare_image_folder``.
+        Others as ``prepare_image_folder`` (``unlabeled_per_class``: the ``unlabeled`` split from the training
+        images past ``max_per_class``).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     src_dir = Path(src_dir)
     rng = random.Random(seed)
-    splits = {}
+    splits, unlabeled = {}, []
     for split, cap, frac in (("train", max_per_class, val_fraction), ("test", test_max_per_class, 0.0)):
         images, labels = read_fashion_mnist(src_dir, split)
         items = [Item(f"fashion-mnist/{split}/{i}", int(lbl), images[i]) for i, lbl in enumerate(labels)]
-        kept, carved = _stratified(items, rng, cap, frac)
+        kept, carved, extra = _stratified(items, rng, cap, frac, unlabeled_per_class if split == "train" else 0)
         check_split_sizes(kept, carved, FASHION_MNIST_CLASSES, frac)
         splits[split] = kept
         if split == "train" and carved:
             splits["val"] = carved
+        if extra:
+            unlabeled = extra
     source = {
         "kind": "fashion_mnist",
         "dir": str(src_dir),
         "val_fraction": val_fraction,
         "max_per_class": max_per_class,
         "test_max_per_class": test_max_per_class,
+        "unlabeled_per_class": unlabeled_per_class,
     }
+    if unlabeled:
+        splits["unlabeled"] = unlabeled
     return write_dataset(
         splits,
         list(FASHION_MNIST_CLASSES),
@@ -355,6 +376,11 @@ def read_manifest(shard_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
     return json.loads(path.read_text())
+
+
+def labelled_splits(manifest: dict) -> list[str]:
+    """The manifest's splits that evaluation reads (train, val, test where present), in that order."""
+    return [s for s in LABELLED_SPLITS if s in manifest["splits"]]
 
 
 def shard_urls(shard_dir: str | Path, split: str) -> list[str]:
