@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.seed_table import _dig
 from scripts.time_repro import TIMES, record_times, stage_keys
 from scripts.time_repro import run as timed_run
 
@@ -97,14 +98,6 @@ def experiments(show: list[dict]) -> dict[str, dict]:
 def lock_of(rev: str) -> str:
     """The dvc.lock of an experiment's commit."""
     return subprocess.run(["git", "show", f"{rev}:dvc.lock"], check=True, capture_output=True, text=True).stdout
-
-
-def _dig(tree, path):
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
 
 
 def row(name: str, exp: dict, times: dict) -> dict:

@@ -68,11 +68,13 @@ def stage_keys(lock_text: str) -> dict[str, str]:
 
 
 def record_times(stages: dict[str, float | None], lock_text: str, path: Path = TIMES) -> dict[str, float]:
-    """Add the stages that ran (seconds not None) to the record at ``path``, keyed ``stage:run-cache key``;
-    returns the whole record."""
+    """Add the stages that ran (seconds not None) to the record at ``path``, keyed ``stage:run-cache key`` (the
+    longest time seen for a key is kept); returns the whole record."""
     times = json.loads(path.read_text()) if path.exists() else {}
     keys = stage_keys(lock_text)
-    times |= {f"{s}:{keys[s]}": sec for s, sec in stages.items() if sec is not None and s in keys}
+    for s, sec in stages.items():  # the longest run of a key: a stage re-entered after it finished (pretraining
+        if sec is not None and s in keys:  # whose checkpoint is complete) takes seconds, not its real time
+            times[f"{s}:{keys[s]}"] = max(sec, times.get(f"{s}:{keys[s]}", 0.0))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(times, indent=1, sort_keys=True))
     return times
