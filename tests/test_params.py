@@ -65,7 +65,7 @@ def test_official_overlay_evaluates_as_on_imagenet(tmp_path):
     ext, ft = section(p, "extract"), section(p, "finetune")
     assert (ext.crop_size, ext.resize_size) == (224, 256)
     assert ft.resize_size == 256 and tuple(ft.crop_scale) == (0.08, 1.0)
-    assert ft.drop_path == 0.25 and ft.weight_decay == 0.04 and ft.layer_decay == 0.75
+    assert ft.drop_path == 0.25 and ft.weight_decay == 0.04 and ft.layer_decay == 0.75 and ft.label_smoothing == 0.1
     assert (ft.rand_augment, ft.random_erasing, ft.mixup, ft.cutmix) == (9, 0.25, 0.8, 1.0)
 
 
