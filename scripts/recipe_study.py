@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.seed_table import _dig
+from scripts.seed_table import _dig, dvc_command, exp_show, finished
 from scripts.time_repro import TIMES, record_times, stage_keys
 from scripts.time_repro import run as timed_run
 
@@ -61,14 +60,6 @@ COLUMNS = [  # (header, metrics file, key path, scale); "val" columns choose, th
 ]
 
 
-def _dvc() -> str:
-    beside = Path(sys.executable).parent / "dvc"  # the project's .venv, when it is not on PATH
-    found = str(beside) if beside.exists() else shutil.which("dvc")
-    if found is None:
-        sys.exit("dvc not found: activate the project's .venv")
-    return found
-
-
 def load_grid(path: Path) -> dict:
     grid = yaml.safe_load(path.read_text())
     if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict) or not grid["variants"]:
@@ -83,16 +74,7 @@ def load_grid(path: Path) -> dict:
 
 def experiments(show: list[dict]) -> dict[str, dict]:
     """name -> {"rev", "data"} of every finished experiment in `dvc exp show --json`."""
-    found = {}
-    for commit in show:
-        for exp in commit.get("experiments") or []:
-            if (exp.get("executor") or {}).get("state") in ("queued", "running", "failed"):
-                continue
-            for rev in exp.get("revs") or []:
-                name = rev.get("name") or exp.get("name")
-                if name and rev.get("data") and not rev.get("error"):
-                    found[name] = {"rev": rev.get("rev"), "data": rev["data"]}
-    return found
+    return {name: {"rev": rev.get("rev"), "data": rev["data"]} for name, rev in finished(show)}
 
 
 def lock_of(rev: str) -> str:
@@ -143,12 +125,11 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the table of what has run; run nothing")
     args = ap.parse_args()
     grid = load_grid(args.grid)
-    dvc, prefix = _dvc(), grid["prefix"]
+    dvc, prefix = dvc_command("activate the project's .venv"), grid["prefix"]
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
 
     def show() -> dict[str, dict]:
-        out = subprocess.run([dvc, "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
-        return experiments(json.loads(out))
+        return experiments(exp_show(dvc))
 
     done = show()
     names = {v: [f"{prefix}-{v}-s{s}" for s in args.seeds] for v in grid["variants"]}

@@ -70,6 +70,35 @@ def _row(name: str, data: dict) -> dict:
     return row
 
 
+def dvc_command(hint: str) -> str:
+    """The project's dvc (beside this interpreter, in .venv), else the one on PATH; exits with ``hint`` if none."""
+    beside = Path(sys.executable).parent / "dvc"  # the project's .venv, when it is not on PATH
+    found = str(beside) if beside.exists() else shutil.which("dvc")
+    if found is None:
+        sys.exit(f"dvc not found: {hint}")
+    return found
+
+
+def exp_show(dvc: str) -> list[dict]:
+    """`dvc exp show --json`, parsed."""
+    return json.loads(subprocess.run([dvc, "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+
+
+def finished(show: list[dict]):
+    """(name, rev entry) of every experiment in `dvc exp show --json` that has results of its own; queued,
+    running and failed ones are named on stderr and skipped."""
+    for commit in show:
+        for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            if state in ("queued", "running", "failed"):  # no results of its own yet (or none at all)
+                print(f"skipped {exp.get('name')}: {state}", file=sys.stderr)
+                continue
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name") or ""
+                if name and rev.get("data") and not rev.get("error"):
+                    yield name, rev
+
+
 def experiments(show: list[dict], prefix: str, workspace: bool = False) -> list[dict]:
     """Flatten `dvc exp show --json` into {name, seed, objective, <column>: value} for matching names (and
     the workspace's results, named "workspace", with ``workspace``)."""
@@ -79,18 +108,7 @@ def experiments(show: list[dict], prefix: str, workspace: bool = False) -> list[
         if ws is None or not ws.get("data"):
             raise SystemExit("no workspace results in `dvc exp show`: run `make repro` first")
         rows.append(_row("workspace", ws["data"]))
-    for commit in show:
-        for exp in commit.get("experiments") or []:
-            state = (exp.get("executor") or {}).get("state")
-            if state in ("queued", "running", "failed"):  # no results of its own yet (or none at all)
-                print(f"skipped {exp.get('name')}: {state}", file=sys.stderr)
-                continue
-            for rev in exp.get("revs") or []:
-                name = rev.get("name") or exp.get("name") or ""
-                data = rev.get("data") or {}
-                if not name.startswith(prefix) or rev.get("error") or not data:
-                    continue
-                rows.append(_row(name, data))
+    rows += [_row(name, rev["data"]) for name, rev in finished(show) if name.startswith(prefix)]
     return sorted(rows, key=lambda r: (str(r["objective"]), r["seed"] if r["seed"] is not None else -1))
 
 
@@ -156,12 +174,7 @@ def main() -> None:
         with open(args.json) as f:
             show = json.load(f)
     else:
-        beside = Path(sys.executable).parent / "dvc"  # the project's .venv, when it is not on PATH
-        dvc = str(beside) if beside.exists() else shutil.which("dvc")
-        if dvc is None:
-            sys.exit("dvc not found: run `make seed-table`, or activate the project's .venv")
-        out = subprocess.run([dvc, "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
-        show = json.loads(out)
+        show = exp_show(dvc_command("run `make seed-table`, or activate the project's .venv"))
     rows = experiments(show, args.prefix, args.workspace)
     if not rows:
         sys.exit(f"no experiment named {args.prefix}* in `dvc exp show`: run `make seeds` first")
