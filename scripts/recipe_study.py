@@ -61,7 +61,13 @@ COLUMNS = [  # (header, metrics file, key path, scale); "val" columns choose, th
 
 
 def load_grid(path: Path) -> dict:
-    grid = yaml.safe_load(path.read_text())
+    """The grid file, checked: a missing file, bad YAML or a malformed variant exits with one line naming it."""
+    if not path.is_file():
+        sys.exit(f"{path}: no such grid file")
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        sys.exit(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict) or not grid["variants"]:
         sys.exit(f"{path}: needs a 'variants' mapping of name -> list of key=value overrides")
     for name, sets in grid["variants"].items():

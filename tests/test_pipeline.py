@@ -436,6 +436,11 @@ def test_a_recipe_study_runs_its_grid_once_and_tabulates_time_and_results(repo):
     bad.write_text("variants:\n  x: [linprobe.epochs]\n")
     r = sh(repo, sys.executable, "scripts/recipe_study.py", "bad.yaml", check=False)
     assert r.returncode != 0 and "variants.x must be a list of key=value strings" in r.stderr
+    r = sh(repo, sys.executable, "scripts/recipe_study.py", "no-grid.yaml", check=False)
+    assert r.returncode != 0 and r.stderr.strip() == "no-grid.yaml: no such grid file"
+    bad.write_text("variants: [unclosed\n")
+    r = sh(repo, sys.executable, "scripts/recipe_study.py", "bad.yaml", check=False)
+    assert r.returncode != 0 and r.stderr.startswith("bad.yaml: not valid YAML (") and "Traceback" not in r.stderr
 
 
 def test_queued_sweep_keeps_its_mlflow_artifacts(repo):
