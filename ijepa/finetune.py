@@ -175,6 +175,59 @@ def evaluate(model: nn.Module, batches: Iterable, *, prepare, device: torch.devi
     return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n}
 
 
+def fit_head(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    prepare,
+    device: torch.device,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    bf16: bool = False,
+) -> dict:
+    """LP-FT's first phase (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features"): the classifier's
+    head fitted on the frozen encoder's pooled, normed features before the whole network is finetuned, so that
+    finetuning starts from a linear probe instead of a random head whose large early gradients reach the encoder.
+
+    The features of ``batches`` (this rank's share of the unaugmented training split: (images, labels, keys))
+    are computed once in eval mode; the head then takes ``steps`` full-batch AdamW steps on the mean
+    cross-entropy, its gradients summed over ranks, so every rank ends with the same head as one process would.
+    Nothing else is touched and no random number is drawn (a resumed run repeats it exactly).
+
+    Returns:
+        {"train_top1", "train_loss"} of the fitted head on those features (over all ranks).
+    """
+    core = unwrap(model)
+    core.eval()
+    feats, targets = [], []
+    with torch.no_grad():
+        for imgs, labels, _ in batches:
+            with autocast(device, bf16):
+                tokens = core.encoder(prepare(imgs))
+            feats.append(core.fc_norm(tokens.float().mean(dim=1)))
+            targets.append(torch.as_tensor(labels).to(device))
+    dim = core.head.in_features  # a rank may hold no sample of a tiny split
+    x = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
+    y = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device)
+    n = float(all_reduce_sum(torch.tensor([len(y)], dtype=torch.float64, device=device))[0])
+    if n == 0:
+        raise ValueError("fit_head got no samples")
+    head = core.head
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        (F.cross_entropy(head(x), y, reduction="sum") / n).backward()
+        for param in head.parameters():
+            param.grad = all_reduce_sum(param.grad)
+        optimizer.step()
+    with torch.no_grad():
+        logits = head(x)
+        loss, correct = F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
+    loss, correct = all_reduce_sum(torch.stack([loss.double(), correct.double()])).tolist()
+    return {"train_top1": correct / n, "train_loss": loss / n}
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """What a classifier's inputs go through (stored with it, so inference matches training)."""

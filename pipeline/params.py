@@ -339,6 +339,8 @@ class FinetuneParams:
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     log_model: bool = True  # the classifier as an MLflow model, registered as ijepa-classifier
     random_init: bool = True  # also train the architecture from a random start, same recipe (the baseline)
+    lp_steps: int = spec(0, non_negative, "be >= 0 (0: MAE's random head)")  # LP-FT: fit the head first
+    lp_lr: float = spec(0.01, positive, "be > 0")
 
     def spec(self):
         """The ``ijepa.finetune.FinetuneSpec`` of these params."""

@@ -8,13 +8,18 @@ each a list of ``key=value`` params overrides (``dvc exp run -S``)::
 
     prefix: study
     stages: [finetune]          # optional: dvc exp run's targets
+    single_item: true           # optional: only those stages, on the workspace's upstream outputs
     variants:
       base: []
       ft-ep4: [finetune.epochs=4, finetune.warmup_epochs=0.5]
 
 Every variant and seed runs as ``dvc exp run --temp -n <prefix>-<variant>-s<seed> -S seed=<seed> -S ...``
 (the workspace is left alone; an experiment of that name already in ``dvc exp show`` is not run again, so an
-interrupted study resumes and ``--table`` prints the table of what has run). Stages whose deps and params an
+interrupted study resumes and ``--table`` prints the table of what has run). With ``single_item`` the targets
+run with ``--single-item``: the workspace's upstream outputs are used as they are, even where code they depend on
+has changed since they were made (a study of finetuning recipes on the committed encoder, after a change to the
+finetuning code, need not pretrain again; the table's stage times are then those recorded for those outputs).
+Stages whose deps and params an
 earlier run already had are restored from DVC's run cache: each stage's measured wall time (from DVC's
 "Running stage" line to the next, as ``scripts/time_repro.py`` measures) is kept under the hash of its
 command, deps and params in ``outputs/stage_times.json`` (``make repro`` records its stages there too), so a
@@ -73,6 +78,10 @@ def load_grid(path: Path) -> dict:
     for name, sets in grid["variants"].items():
         if not isinstance(sets, list) or not all(isinstance(s, str) and "=" in s for s in sets):
             sys.exit(f"{path}: variants.{name} must be a list of key=value strings, got {sets!r}")
+    if not isinstance(grid.setdefault("single_item", False), bool):
+        sys.exit(f"{path}: single_item must be true or false, got {grid['single_item']!r}")
+    if grid["single_item"] and not grid.get("stages"):
+        sys.exit(f"{path}: single_item needs the stages to run")
     grid.setdefault("prefix", path.stem)
     grid.setdefault("stages", [])
     return grid
@@ -147,7 +156,7 @@ def main() -> None:
                 print(f"{name}: already run", flush=True)
                 continue
             cmd = ["exp", "run", "--temp", "-n", name, "-S", f"seed={seed}"]
-            cmd += [a for s in sets for a in ("-S", s)] + list(grid["stages"])
+            cmd += [a for s in sets for a in ("-S", s)] + ["--single-item"] * grid["single_item"] + grid["stages"]
             print(f"\n{name}: dvc {' '.join(cmd)}", flush=True)
             code, report = timed_run(cmd, dvc=dvc)
             if code != 0:

@@ -24,6 +24,7 @@ from ijepa.finetune import (
     Classifier,
     Preprocess,
     evaluate,
+    fit_head,
     load_classifier,
     train_classifier,
     with_drop_path,
@@ -74,6 +75,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
         test = evaluate(best.to(device), eval_batches(split), prepare=prepare, device=device)
         got = {"top1": test["top1"], "top5": test["top5"], "val_top1": result["val_top1"],
                "best_epoch": result["best_epoch"], "best_weights": result["weights"]}  # fmt: skip
+        got |= {k: v for k, v in result.items() if k.startswith("lp_")}
         metrics |= {k if name == "pretrained" else f"{name}_{k}": v for k, v in got.items()}
         metrics |= {"lr": result["lr"], "steps": result["steps"], "world_size": ctx.world_size}
         for r in result["history"]:
@@ -113,11 +115,21 @@ def _classifier(name: str, encoder, p, seed: int, ctx, num_classes: int) -> Clas
 
 
 def _train(name, model, p, state, steps, train_batches, eval_batches, prepare, pre, manifest, ctx, tracker, device):
-    """One classifier through ``train_classifier``, its epochs logged to MLflow under ``<name>_`` keys."""
+    """One classifier through ``train_classifier``, its epochs logged to MLflow under ``<name>_`` keys; with
+    ``finetune.lp_steps`` its head is first fitted on the frozen encoder (LP-FT; repeated exactly on a resume,
+    whose saved state then replaces it)."""
+    lp = {}
+    if p.lp_steps:
+        fit = fit_head(model, eval_batches("train"), prepare=prepare, device=device, steps=p.lp_steps, lr=p.lp_lr,
+                       bf16=p.bf16)  # fmt: skip
+        val = evaluate(model, eval_batches("val"), prepare=prepare, device=device, bf16=p.bf16)
+        lp = {"lp_train_top1": fit["train_top1"], "lp_val_top1": val["top1"]}
+        print(f"finetune {name}: LP-FT head fitted in {p.lp_steps} steps, val top-1 {val['top1']:.4f}", flush=True)
+        tracker.log_metrics({f"{name}_{k}": v for k, v in lp.items()}, step=0)
     bar = tqdm(total=steps * p.epochs, desc=f"finetune {name}", mininterval=5, disable=not ctx.is_main)
     log = lambda e, row: tracker.log_metrics({f"{name}_{k}": v for k, v in row.items() if k != "epoch"}, step=e)  # noqa: E731
     try:
-        return train_classifier(
+        result = train_classifier(
             ddp(model, device),
             p.spec(),
             steps_per_epoch=steps,
@@ -137,6 +149,7 @@ def _train(name, model, p, state, steps, train_batches, eval_batches, prepare, p
         )
     finally:
         bar.close()
+    return None if result is None else result | lp
 
 
 def _data(ctx, p, manifest: dict, pre: Preprocess, seed: int, steps: int):

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from ijepa.data.loaders import Normalize
 from ijepa.distributed import DistEnv, ddp, init_distributed, shutdown
-from ijepa.finetune import Classifier, FinetuneSpec, Preprocess, load_classifier, train_classifier
+from ijepa.finetune import Classifier, FinetuneSpec, Preprocess, fit_head, load_classifier, train_classifier
 from ijepa.models.vit import VisionTransformer
 from ijepa.seg.data import SegDataset, seg_loader
 from ijepa.seg.model import SegmentationModel
@@ -72,12 +72,14 @@ def _finetune(rank: int, world: int, out: Path) -> dict:
         epochs=1, batch_size=micro, accum_steps=accum, blr=0.05, warmup_epochs=0.3, mixup=0.0, cutmix=0.0,
         random_erasing=0.0, bf16=False,
     )  # fmt: skip
+    train0 = images[0][rank::world], labels[0][rank::world], [str(i) for i in range(rank, FULL, world)]
+    fit = fit_head(model, [train0], prepare=Normalize(), device=torch.device("cpu"), steps=5, lr=0.05)  # LP-FT
     result = train_classifier(
         ddp(model, torch.device("cpu")), spec, steps_per_epoch=STEPS, train_batches=train_batches,
         eval_batches=eval_batches, prepare=Normalize(), device=torch.device("cpu"), best_path=out / "clf.pth",
         class_names=["a", "b", "c"], preprocess=Preprocess(16, 16), world_size=world, is_main=rank == 0,
     )  # fmt: skip
-    return {k: result[k] for k in ("val_top1", "lr", "steps")} | {"loss": result["history"][-1]["train_loss"]}
+    return {k: result[k] for k in ("val_top1", "lr", "steps")} | {"loss": result["history"][-1]["train_loss"], **fit}
 
 
 def _finetune_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -96,6 +98,8 @@ def test_finetune_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_p
     assert ranks[0] == ranks[1]  # losses and accuracies averaged over ranks: one decision everywhere
     assert ranks[0]["lr"] == single["lr"] and ranks[0]["steps"] == single["steps"] == STEPS
     assert abs(ranks[0]["loss"] - single["loss"]) < 1e-5 and ranks[0]["val_top1"] == single["val_top1"]
+    assert ranks[0]["train_top1"] == single["train_top1"]  # the LP-FT head fit: gradients summed over ranks
+    assert abs(ranks[0]["train_loss"] - single["train_loss"]) < 1e-5
     a, _, _ = load_classifier(tmp_path / "ddp/clf.pth")
     b, _, _ = load_classifier(tmp_path / "one/clf.pth")
     init = Classifier(VisionTransformer(img_size=[16], patch_size=4, embed_dim=32, depth=2, num_heads=2), 3)

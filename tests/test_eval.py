@@ -23,6 +23,8 @@ from ijepa.finetune import (
     MixTargets,
     Preprocess,
     accumulate_step,
+    evaluate,
+    fit_head,
     load_classifier,
     param_groups_lrd,
     save_classifier,
@@ -154,6 +156,32 @@ def test_accumulation_over_four_steps_equals_one_big_batch():
         assert torch.allclose(a, b, atol=1e-6), n
     mixed_x, mixed_t = MixTargets(4, mixup=0.8, cutmix=1.0, label_smoothing=0.1)(x, torch.arange(16) % 4)
     assert mixed_x.shape == x.shape and torch.allclose(mixed_t.sum(1), torch.ones(16))
+
+
+def test_lp_ft_fits_the_head_alone_and_repeats_exactly():
+    """LP-FT's first phase: only the head moves, the frozen features are linearly separable here (one colour per
+    class), so the fitted head classifies them, and a second run from the same start gives the same head."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(48) % 3
+    images = torch.randint(0, 60, (48, 16, 16, 3), dtype=torch.uint8, generator=g)
+    images[torch.arange(48), :, :, labels] += 180  # class c: channel c bright
+    batches = [(images[i : i + 16], labels[i : i + 16], [str(j) for j in range(i, i + 16)]) for i in range(0, 48, 16)]
+    prepare = lambda x: x.permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    model = Classifier(tiny_encoder(depth=2), 3)
+    start = copy.deepcopy(model.state_dict())
+    cpu = torch.device("cpu")
+    before = evaluate(model, batches, prepare=prepare, device=cpu)["loss"]  # MAE's near-zero head: ~ln 3
+    fit = fit_head(model, batches, prepare=prepare, device=cpu, steps=100, lr=0.05)
+    assert fit["train_top1"] == 1.0 and before > 1.0 and fit["train_loss"] < 0.5
+    assert evaluate(model, batches, prepare=prepare, device=cpu)["top1"] == 1.0
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved == {"head.weight", "head.bias"}
+    twin = Classifier(tiny_encoder(depth=2), 3)
+    twin.load_state_dict(start)
+    assert fit_head(twin, batches, prepare=prepare, device=cpu, steps=100, lr=0.05) == fit
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match="no samples"):
+        fit_head(twin, [], prepare=prepare, device=cpu, steps=1, lr=0.05)
 
 
 def test_classify_a_folder_with_class_names_from_the_checkpoint(tmp_path, capsys):

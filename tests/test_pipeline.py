@@ -374,7 +374,9 @@ def test_a_failed_prepare_keeps_the_previous_shards(repo):
 
 def test_exp_run_with_set_params(repo):
     # the pretrain stage as target: what -S changes and what reruns is the point, not the downstream stages
+    kept = {name: (repo / name).read_text() for name in ("params.yaml", "dvc.lock")}
     sh(repo, "dvc", "exp", "run", "-n", "small-ep2", "-S", "model=vit_small", "-S", "pretrain.epochs=2", "pretrain")
+    assert (repo / "params.yaml").read_text() != kept["params.yaml"]  # a workspace experiment: its result applied
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "small-ep2" in text and '"name": "vit_small"' in text.replace("'", '"')
@@ -383,6 +385,13 @@ def test_exp_run_with_set_params(repo):
     assert "pretrain" in stages and "prepare" not in stages  # prepare's params did not change: not rerun
     assert stages["pretrain"].data.params["model.name"] == "vit_small"
     assert stages["pretrain"].data.metrics["steps"] == 2 * (110 // 16)
+    # undone as a user would: the params and lock file back, the chain's outputs checked out of DVC's cache (the
+    # tests below then read and extend the chain, not this experiment)
+    for name, text in kept.items():
+        (repo / name).write_text(text)
+    sh(repo, "dvc", "checkout")
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status").stdout
+    assert load_encoder(repo / "models/pretrain/jepa-latest.pth.tar").depth == 1
 
 
 def test_seed_runs_and_their_table(repo):
@@ -417,11 +426,12 @@ def test_a_recipe_study_runs_its_grid_once_and_tabulates_time_and_results(repo):
     """make study: each variant an experiment; the base variant's stages all come from DVC's run cache and take
     their times from the chain's record, the changed one's linprobe is timed as it runs."""
     (repo / "grid.yaml").write_text(
-        "prefix: st\nstages: [linprobe]\nvariants:\n  base: []\n  lp5: [linprobe.epochs=5]\n"
+        "prefix: st\nstages: [linprobe]\nsingle_item: true\nvariants:\n  base: []\n  lp5: [linprobe.epochs=5]\n"
     )
     before = json.loads((repo / "outputs/stage_times.json").read_text())
     r = sh(repo, sys.executable, "scripts/recipe_study.py", "grid.yaml")
     assert "Running stage 'linprobe'" in r.stdout and "st-base-s0: dvc exp run" in r.stdout
+    assert "-S linprobe.epochs=5 --single-item linprobe" in r.stdout
     after = json.loads((repo / "outputs/stage_times.json").read_text())
     assert [k.split(":")[0] for k in set(after) - set(before)] == ["linprobe"]  # only lp5's linprobe ran
     rows = {line.split(" | ")[0]: line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ")}
@@ -436,6 +446,9 @@ def test_a_recipe_study_runs_its_grid_once_and_tabulates_time_and_results(repo):
     bad.write_text("variants:\n  x: [linprobe.epochs]\n")
     r = sh(repo, sys.executable, "scripts/recipe_study.py", "bad.yaml", check=False)
     assert r.returncode != 0 and "variants.x must be a list of key=value strings" in r.stderr
+    bad.write_text("single_item: true\nvariants:\n  x: []\n")
+    r = sh(repo, sys.executable, "scripts/recipe_study.py", "bad.yaml", check=False)
+    assert r.returncode != 0 and r.stderr.strip() == "bad.yaml: single_item needs the stages to run"
     r = sh(repo, sys.executable, "scripts/recipe_study.py", "no-grid.yaml", check=False)
     assert r.returncode != 0 and r.stderr.strip() == "no-grid.yaml: no such grid file"
     bad.write_text("variants: [unclosed\n")
