@@ -28,7 +28,8 @@ write_conf() {
   fi
   local host cpus mem
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: 1 would make a
+  # 1-CPU node on which a 2-task job waits forever (Reason=PartitionConfig)
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
   mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
   cat > "$CONF" <<EOF

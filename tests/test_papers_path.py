@@ -62,7 +62,8 @@ def test_the_papers_path_on_a_small_jpeg_folder(tmp_path):
     lin = json.loads((repo / "metrics/linprobe.json").read_text())
     assert 0 <= lin["top1"] <= 1 and "pixels_top1" in lin
     assert "miou" in json.loads((repo / "metrics/seg_eval.json").read_text())
-    assert "top1" in json.loads((repo / "metrics/finetune.json").read_text())
+    ft = json.loads((repo / "metrics/finetune.json").read_text())
+    assert "top1" in ft and "lp_val_top1" not in ft  # MAE's recipe: a random head, no LP-FT
     attn = json.loads((repo / "metrics/attnprobe.json").read_text())  # no token cache: tokens computed on the fly
     assert attn["tokens"] == "streamed" and 0 <= attn["top1"] <= 1 and "pixels_top1" in attn
     assert not list((repo / "data/features").glob("tokens_*.pt")) and not (repo / "models/resume/attnprobe.pt").exists()

@@ -141,6 +141,7 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
     assert (
         ft["gap_vs_random_init"] == round(ft["top1"] - ft["random_init_top1"], 5) and 0 <= ft["random_init_top1"] <= 1
     )
+    assert 0 <= ft["lp_val_top1"] <= 1 and 0 <= ft["random_init_lp_val_top1"] <= 1  # LP-FT: each head fitted first
     assert not list((repo / "models/resume").glob("finetune*")) and (repo / "models/finetune/classifier.pth").is_file()
     recorded = json.loads((repo / "outputs/stage_times.json").read_text())  # for scripts/recipe_study.py
     assert sorted(k.split(":")[0] for k in recorded) == sorted(timed["stages"])
