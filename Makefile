@@ -75,8 +75,10 @@ remote: $(STAMP) ## make REMOTE (a folder or any DVC URL; default ../ijepa-dvc-r
 	dvc remote add --force --default shared "$(REMOTE)"
 	@echo "remote: 'shared' -> $(REMOTE) in .dvc/config (commit it to share); now dvc push, and dvc pull in another clone"
 
+# Two workers on two cores, one thread per process: torch's default of a thread per core in every worker and every
+# stage it starts oversubscribes the cores (docs/pipeline.md: 375 s instead of 468 s of pytest, side by side)
 test: $(STAMP) ## run the whole test suite (two pytest-xdist workers; COV=1 adds line coverage of the three packages)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(if $(COV),--cov=ijepa --cov=pipeline --cov=stages --cov-report=term)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(if $(COV),--cov=ijepa --cov=pipeline --cov=stages --cov-report=term)
 
 test-fast: $(STAMP) ## the edit-run loop: every test but the DVC chains, SLURM and the ones that start processes
 	$(PY) -m pytest -q -m "not slow and not process" --durations=5

@@ -375,9 +375,11 @@ def test_a_failed_prepare_keeps_the_previous_shards(repo):
 
 def test_exp_run_with_set_params(repo):
     # the pretrain stage as target: what -S changes and what reruns is the point, not the downstream stages
-    kept = {name: (repo / name).read_text() for name in ("params.yaml", "dvc.lock")}
+    # what the experiment rewrites outside DVC's cache: params, lock, and the metrics and plots git tracks
+    kept = {p: p.read_bytes() for p in [repo / "params.yaml", repo / "dvc.lock", *(repo / "metrics").iterdir(),
+                                        *(repo / "plots").iterdir()] if p.is_file()}  # fmt: skip
     sh(repo, "dvc", "exp", "run", "-n", "small-ep2", "-S", "model=vit_small", "-S", "pretrain.epochs=2", "pretrain")
-    assert (repo / "params.yaml").read_text() != kept["params.yaml"]  # a workspace experiment: its result applied
+    assert (repo / "params.yaml").read_bytes() != kept[repo / "params.yaml"]  # a workspace experiment: applied
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     text = json.dumps(shown)
     assert "small-ep2" in text and '"name": "vit_small"' in text.replace("'", '"')
@@ -386,10 +388,10 @@ def test_exp_run_with_set_params(repo):
     assert "pretrain" in stages and "prepare" not in stages  # prepare's params did not change: not rerun
     assert stages["pretrain"].data.params["model.name"] == "vit_small"
     assert stages["pretrain"].data.metrics["steps"] == 2 * (110 // 16)
-    # undone as a user would: the params and lock file back, the chain's outputs checked out of DVC's cache (the
-    # tests below then read and extend the chain, not this experiment)
-    for name, text in kept.items():
-        (repo / name).write_text(text)
+    # undone: those files back as they were, the chain's cached outputs checked out of DVC's cache (the tests
+    # below then read and extend the chain, not this experiment)
+    for path, data in kept.items():
+        path.write_bytes(data)
     sh(repo, "dvc", "checkout")
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status").stdout
     assert load_encoder(repo / "models/pretrain/jepa-latest.pth.tar").depth == 1
