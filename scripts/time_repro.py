@@ -27,6 +27,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.seed_table import dvc_command
+
 TIMES = Path("outputs/stage_times.json")
 START = re.compile(rb"Running stage '([^']+)'")
 SKIP = re.compile(rb"Stage '([^']+)' didn't change, skipping")
@@ -36,7 +39,10 @@ def run(args: list[str], dvc: str = "dvc") -> tuple[int, dict]:
     """Run ``dvc *args`` (``repro ...``, or ``exp run ...``, which prints the same lines); returns (exit code,
     {"stages": {name: seconds or None}, "total_s", "peak_rss_mb"})."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([dvc, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # the stages' `python -m stages.<name>` must be this interpreter's, as with an activated .venv
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path}
+    proc = subprocess.Popen([dvc, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     order: list[tuple[str, float]] = []
     seen = b""
     while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -85,7 +91,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the timings to this JSON file")
     ap.add_argument("dvc_args", nargs="*", help="passed to `dvc repro` (after --)")
     args = ap.parse_args()
-    code, report = run(["repro", *args.dvc_args])
+    code, report = run(["repro", *args.dvc_args], dvc=dvc_command("run `make repro`, or activate the project's .venv"))
     ran = {k: v for k, v in report["stages"].items() if v is not None}
     print(f"\n{'stage':<14}{'seconds':>9}")
     for name, sec in report["stages"].items():

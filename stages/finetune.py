@@ -124,7 +124,8 @@ def _train(name, model, p, state, steps, train_batches, eval_batches, prepare, p
                        bf16=p.bf16)  # fmt: skip
         val = evaluate(model, eval_batches("val"), prepare=prepare, device=device, bf16=p.bf16)
         lp = {"lp_train_top1": fit["train_top1"], "lp_val_top1": val["top1"]}
-        print(f"finetune {name}: LP-FT head fitted in {p.lp_steps} steps, val top-1 {val['top1']:.4f}", flush=True)
+        if ctx.is_main:
+            print(f"finetune {name}: LP-FT head fitted in {p.lp_steps} steps, val top-1 {val['top1']:.4f}", flush=True)
         tracker.log_metrics({f"{name}_{k}": v for k, v in lp.items()}, step=0)
     bar = tqdm(total=steps * p.epochs, desc=f"finetune {name}", mininterval=5, disable=not ctx.is_main)
     log = lambda e, row: tracker.log_metrics({f"{name}_{k}": v for k, v in row.items() if k != "epoch"}, step=e)  # noqa: E731
