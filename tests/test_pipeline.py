@@ -426,8 +426,9 @@ def test_seed_runs_and_their_table(repo):
 
 
 def test_a_recipe_study_runs_its_grid_once_and_tabulates_time_and_results(repo):
-    """make study: each variant an experiment; the base variant's stages all come from DVC's run cache and take
-    their times from the chain's record, the changed one's linprobe is timed as it runs."""
+    """make study: each variant an experiment (`single_item`: only linprobe, on the chain's upstream outputs);
+    the base variant runs nothing and takes its times from the chain's record, the changed one's linprobe is
+    timed as it runs."""
     (repo / "grid.yaml").write_text(
         "prefix: st\nstages: [linprobe]\nsingle_item: true\nvariants:\n  base: []\n  lp5: [linprobe.epochs=5]\n"
     )
