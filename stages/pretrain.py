@@ -12,6 +12,7 @@ only rank 0 writes. ``pretrain.batch_size`` is per rank: the effective batch is 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ SHARDS, OUT, LATEST = Path("data/shards"), Path("models/pretrain"), "jepa-latest
 STEPS_CSV = Path("metrics/pretrain_steps.csv")  # persistent in dvc.yaml, like the checkpoint it goes with
 COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "k_enc", "k_pred"]
 MONITOR_CSV = Path("metrics/pretrain_monitor.csv")  # persistent too: a resumed run keeps the rows before it
+TIMING = "timing.json"  # beside the checkpoint: the training time of the run it holds, over its invocations
 
 
 @distributed_stage("pretrain.device")
@@ -108,14 +110,38 @@ def run(params: dict, ctx, tracker, device) -> dict:
     finally:  # a stopped run's error starts on a line of its own
         bar.close()
     seconds = time.perf_counter() - t0
+    timing = (
+        _run_timing(out / TIMING, key, start, result["step"] - start, seconds, hook.seconds if hook else 0.0)
+        if ctx.is_main
+        else None
+    )
     if result["stopped"]:
         print(f"pretrain: stopped at step {result['step']}; {result['checkpoint']} resumes from there", flush=True)
         return {"stopped": True, "steps": result["step"]}
     if not ctx.is_main:
         return {"steps": result["step"], "world_size": ctx.world_size}
-    trained = result["step"] - start  # None below when this invocation trained no step (a finished run re-entered)
-    speed = round(trained * pre.batch_size * ctx.world_size / seconds, 1) if trained else None
-    return _outputs(ctx, tracker, params, result, steps_csv.read(), monitor_csv.read(), health, hook, speed, ipe)
+    # the run's own pace, from every invocation that trained steps: a finished run re-entered (DVC reruns the
+    # stage after any change to ijepa/) trains nothing and reports the run's numbers, not null
+    steps = timing["steps"]
+    speed = round(steps * pre.batch_size * ctx.world_size / timing["seconds"], 1) if steps else None
+    return _outputs(ctx, tracker, params, result, steps_csv.read(), monitor_csv.read(), health, timing, speed, ipe)
+
+
+def _run_timing(path: Path, key: str, start: int, trained: int, seconds: float, monitor_seconds: float) -> dict:
+    """{"key", "steps", "seconds", "monitor_seconds"} of the checkpoint's run: this invocation's ``trained`` steps,
+    ``seconds`` and monitor time added to those of the invocations before it (a run resumed at ``start`` > 0 whose
+    record at ``path`` has its ``key``), written back when this invocation trained a step."""
+    past = json.loads(path.read_text()) if start and path.exists() else {}
+    past = past if past.get("key") == key else {}
+    total = {
+        "key": key,
+        "steps": past.get("steps", 0) + trained,
+        "seconds": round(past.get("seconds", 0.0) + (seconds if trained else 0.0), 3),
+        "monitor_seconds": round(past.get("monitor_seconds", 0.0) + (monitor_seconds if trained else 0.0), 3),
+    }
+    if trained:
+        write_json(path, total)
+    return total
 
 
 def _training_split(shard_dir: Path, manifest: dict, splits: tuple[str, ...]) -> dict:
@@ -163,7 +189,7 @@ def _batches(ctx, data, mask, pre, seed: int, train_split: dict, ipe: int, devic
     return make_batches
 
 
-def _outputs(ctx, tracker, params, result, rows, health_rows, health, hook, speed, ipe) -> dict:
+def _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, speed, ipe) -> dict:
     """Rank 0's metrics, plots, MLflow artifacts and the registered target encoder of a finished run."""
     data, model, pre = section(params, "data"), section(params, "model"), section(params, "pretrain")
     first = [r["loss"] for r in rows if r["epoch"] == 0]
@@ -177,7 +203,7 @@ def _outputs(ctx, tracker, params, result, rows, health_rows, health, hook, spee
         "ipe": ipe,
         "world_size": ctx.world_size,
         "effective_batch_size": pre.batch_size * ctx.world_size,
-        "monitor_seconds": round(hook.seconds if hook else 0.0, 2),  # spent in the health monitor by this invocation
+        "monitor_seconds": round(timing["monitor_seconds"], 2),  # in the health monitor, over the run (as the speed)
     } | health_metrics(health_rows)
     write_json(ctx.root / "metrics/pretrain.json", metrics)
     title = f"I-JEPA pretraining ({model.name}, {data.crop_size}/{data.patch_size})"

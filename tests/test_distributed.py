@@ -196,13 +196,16 @@ def _weights(root: Path) -> dict:
 
 
 def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(tmp_path):
-    """`dvc repro` after a code change re-enters a finished run: no step trained, the loss metrics unchanged."""
+    """`dvc repro` after a code change re-enters a finished run: no step trained, the loss metrics and the run's
+    own pace unchanged (its time is kept beside the checkpoint; the re-entry used to write a null speed)."""
     root, params = _project(tmp_path / "p", 1)
     first = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    timing = json.loads((root / "models/pretrain" / pretrain_stage.TIMING).read_text())
     again = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
-    assert first["images_per_second"] > 0 and again["images_per_second"] is None
-    for k in ("final_loss", "first_epoch_loss", "steps"):
+    assert first["images_per_second"] > 0 and timing["steps"] == first["steps"] and timing["seconds"] > 0
+    for k in ("final_loss", "first_epoch_loss", "steps", "images_per_second", "monitor_seconds"):
         assert again[k] == first[k], k
+    assert json.loads((root / "models/pretrain" / pretrain_stage.TIMING).read_text()) == timing  # not rewritten
     csv_path = root / "metrics/pretrain_steps.csv"
     csv_path.unlink()  # what DVC did to a non-persistent output before re-running the stage
     with pytest.raises(
@@ -249,6 +252,9 @@ def test_a_preempted_pretrain_stage_resumes_mid_epoch_to_the_uninterrupted_resul
     monkeypatch.setattr(preemption, "requested", lambda: False)
     done = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert done["steps"] == ref["steps"] == 44 and done["final_loss"] == ref["final_loss"]
+    timing = json.loads((root / "models/pretrain" / pretrain_stage.TIMING).read_text())
+    assert timing["steps"] == 44 and timing["seconds"] > 0  # the speed counts both invocations' steps and time
+    assert done["images_per_second"] == round(44 * 8 / timing["seconds"], 1)
     for name, t in _weights(ref_root).items():
         assert torch.equal(_weights(root)[name], t), name
     rows = (root / "metrics/pretrain_steps.csv").read_text().splitlines()
