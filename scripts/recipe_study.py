@@ -1,7 +1,7 @@
 """A recipe study: a grid of DVC experiments, one per variant and seed, and one table of each variant's stage
 time and results against their baselines.
 
-    python scripts/recipe_study.py scripts/study_demo.yaml [--seeds 0 1 2] [--only NAME ...] [--table]
+    python scripts/recipe_study.py scripts/study_demo.yaml [--seeds 0 1 2] [--only NAME ...] [--table] [-A]
 
 The grid file names the experiments' prefix, the stages to run (all of them when absent) and the variants,
 each a list of ``key=value`` params overrides (``dvc exp run -S``)::
@@ -15,12 +15,14 @@ each a list of ``key=value`` params overrides (``dvc exp run -S``)::
 
 Every variant and seed runs as ``dvc exp run --temp -n <prefix>-<variant>-s<seed> -S seed=<seed> -S ...``
 (the workspace is left alone; an experiment of that name already in ``dvc exp show`` is not run again, so an
-interrupted study resumes and ``--table`` prints the table of what has run). With ``single_item`` the targets
+interrupted study resumes and ``--table`` prints the table of what has run; ``-A`` counts the experiments of
+every commit, so a study begun before a commit goes on after it). With ``single_item`` the targets
 run with ``--single-item``: the workspace's upstream outputs are used as they are, even where code they depend on
 has changed since they were made (a study of finetuning recipes on the committed encoder, after a change to the
 finetuning code, need not pretrain again; the table's stage times are then those recorded for those outputs).
 Stages whose deps and params an
-earlier run already had are restored from DVC's run cache: each stage's measured wall time (from DVC's
+earlier run already had are restored from DVC's run cache (not `prepare` and `pretrain`: DVC does not
+run-cache stages with persistent outputs, so a new seed pretrains again): each stage's measured wall time (from DVC's
 "Running stage" line to the next, as ``scripts/time_repro.py`` measures) is kept under the hash of its
 command, deps and params in ``outputs/stage_times.json`` (``make repro`` records its stages there too), so a
 variant's time is the sum over its stages of what they took when they ran; a stage whose time was never
@@ -138,13 +140,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only", nargs="+", help="run only these variants (the table shows every one that has run)")
     ap.add_argument("--table", action="store_true", help="print the table of what has run; run nothing")
+    ap.add_argument(
+        "-A", "--all-commits", action="store_true",
+        help="count the experiments of every commit (`dvc exp show -A`) as run, not only HEAD's",
+    )  # fmt: skip
     args = ap.parse_args()
     grid = load_grid(args.grid)
     dvc, prefix = dvc_command("activate the project's .venv"), grid["prefix"]
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
 
     def show() -> dict[str, dict]:
-        return experiments(exp_show(dvc))
+        return experiments(exp_show(dvc, args.all_commits))
 
     done = show()
     names = {v: [f"{prefix}-{v}-s{s}" for s in args.seeds] for v in grid["variants"]}

@@ -12,7 +12,7 @@ attentive probe, 1-shot and 1% linear probes (each with its random-init and pixe
 pretraining health monitor's final RankMe and online k-NN.
 
     python scripts/seed_table.py [--prefix seeds] [--workspace] [--check] [--view gate|protocols|both]
-                                 [--json exp_show.json]
+                                 [--json exp_show.json] [-A]
 """
 
 from __future__ import annotations
@@ -79,14 +79,18 @@ def dvc_command(hint: str) -> str:
     return found
 
 
-def exp_show(dvc: str) -> list[dict]:
-    """`dvc exp show --json`, parsed."""
-    return json.loads(subprocess.run([dvc, "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+def exp_show(dvc: str, all_commits: bool = False) -> list[dict]:
+    """`dvc exp show --json`, parsed: the current commit's experiments, or with ``all_commits`` every commit's
+    (`-A`: experiments survive the commits made after them, but `dvc exp show` alone lists only HEAD's)."""
+    cmd = [dvc, "exp", "show", "--json"] + ["-A"] * all_commits
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def finished(show: list[dict]):
     """(name, rev entry) of every experiment in `dvc exp show --json` that has results of its own; queued,
-    running and failed ones are named on stderr and skipped."""
+    running and failed ones are named on stderr and skipped. A name found again (on an older commit, with
+    ``-A``: `dvc exp show` lists the newest commit first) is named on stderr and skipped too."""
+    seen = set()
     for commit in show:
         for exp in commit.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state")
@@ -95,7 +99,11 @@ def finished(show: list[dict]):
                 continue
             for rev in exp.get("revs") or []:
                 name = rev.get("name") or exp.get("name") or ""
-                if name and rev.get("data") and not rev.get("error"):
+                if name in seen:
+                    older = str(commit.get("rev"))[:7]
+                    print(f"skipped {name} of {older}: a newer experiment has the name", file=sys.stderr)
+                elif name and rev.get("data") and not rev.get("error"):
+                    seen.add(name)
                     yield name, rev
 
 
@@ -162,6 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefix", default="seeds", help="experiment name prefix (make seeds PREFIX=...)")
     ap.add_argument("--json", help="read this saved `dvc exp show --json` output instead of running dvc")
+    ap.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every seed meets the demo gate")
     ap.add_argument("--workspace", action="store_true", help="also a row of the workspace's own results (make repro)")
     ap.add_argument(
@@ -174,7 +183,7 @@ def main() -> None:
         with open(args.json) as f:
             show = json.load(f)
     else:
-        show = exp_show(dvc_command("run `make seed-table`, or activate the project's .venv"))
+        show = exp_show(dvc_command("run `make seed-table`, or activate the project's .venv"), args.all_commits)
     rows = experiments(show, args.prefix, args.workspace)
     if not rows:
         sys.exit(f"no experiment named {args.prefix}* in `dvc exp show`: run `make seeds` first")
