@@ -110,11 +110,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
     finally:  # a stopped run's error starts on a line of its own
         bar.close()
     seconds = time.perf_counter() - t0
-    timing = (
-        _run_timing(out / TIMING, key, start, result["step"] - start, seconds, hook.seconds if hook else 0.0)
-        if ctx.is_main
-        else None
-    )
+    if ctx.is_main:  # rank 0 records the time (every rank trains the same steps)
+        timing = _run_timing(out / TIMING, key, start, result["step"] - start, seconds, hook.seconds if hook else 0)
     if result["stopped"]:
         print(f"pretrain: stopped at step {result['step']}; {result['checkpoint']} resumes from there", flush=True)
         return {"stopped": True, "steps": result["step"]}
