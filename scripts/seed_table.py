@@ -160,8 +160,9 @@ def table(rows: list[dict], view: str = "gate") -> str:
                 vals = [_gap(r) if h == "gap" else r[h] for r in group]
                 vals = [v for v in vals if v is not None]
                 d = 2 if h == "gap" else 1  # the gap is read against the gate's 5 points
-                spread = f"{statistics.mean(vals):.{d}f} +- {statistics.stdev(vals):.{d}f}"
-                cells.append(spread if len(vals) > 1 else "")
+                # a column with fewer than two values (a stage some seeds did not run) has no spread
+                spread = f"{statistics.mean(vals):.{d}f} +- {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else ""
+                cells.append(spread)
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
