@@ -128,7 +128,10 @@ def _run_timing(path: Path, key: str, start: int, trained: int, seconds: float, 
     """{"key", "steps", "seconds", "monitor_seconds"} of the checkpoint's run: this invocation's ``trained`` steps,
     ``seconds`` and monitor time added to those of the invocations before it (a run resumed at ``start`` > 0 whose
     record at ``path`` has its ``key``), written back when this invocation trained a step."""
-    past = json.loads(path.read_text()) if start and path.exists() else {}
+    try:
+        past = json.loads(path.read_text()) if start and path.exists() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not the JSON pretraining writes ({e}); delete it to count the run afresh") from e
     past = past if past.get("key") == key else {}
     total = {
         "key": key,
