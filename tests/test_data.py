@@ -520,6 +520,31 @@ def test_loaders_do_not_hang_after_the_parent_used_opencv_and_torch_threads(tmp_
     assert r.stdout.split("\n")[:-1] == [f"pass {i} 6 24" for i in range(4)]
 
 
+@pytest.mark.process
+def test_a_module_run_with_dash_m_starts_workers_without_runpy_warnings(tmp_path):
+    """Stages run as ``python -m stages.<name>``; each worker runs that module again as ``__mp_main__``. The
+    fork server once imported the module itself, and every worker printed runpy's RuntimeWarning ("found in
+    sys.modules ... may result in unpredictable behaviour"); it now imports what the module imports."""
+    pkg = tmp_path / "demo_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stage.py").write_text(
+        "from ijepa.data.shards import prepare_image_folder  # noqa: F401 (an import the server preloads)\n"
+        "from ijepa.data.workers import worker_context\n\n"
+        "def square(x):\n    return x * x\n\n"
+        "if __name__ == '__main__':\n"
+        "    with worker_context().Pool(2) as pool:\n        print(pool.map(square, range(4)))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "demo_pkg.stage"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{root}:{tmp_path}"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[0, 1, 4, 9]\n"
+    assert "RuntimeWarning" not in r.stderr, r.stderr
+
+
 class StuckTransform:
     """An eval transform whose decode never finishes in time (a hung file system, say)."""
 

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import cv2
@@ -59,12 +60,32 @@ def worker_context() -> multiprocessing.context.BaseContext:
     preload = [f"{__package__}.loaders"]  # what the workers run: imported once, in the server
     main = sys.modules.get("__main__")
     name = getattr(getattr(main, "__spec__", None), "name", None)
-    if name and not name.endswith("__main__"):  # ``python -m stages.pretrain``: the workers import it by name
-        preload.append(name)
+    if name and not name.endswith("__main__"):  # ``python -m stages.pretrain``
+        # each worker runs the module again as ``__mp_main__`` (Python's rule for every start method but fork),
+        # so the server imports what the module imports, not the module itself: runpy warns ("found in
+        # sys.modules ... may result in unpredictable behaviour") when a worker runs a module already imported
+        preload += _imports_of(main)
     elif getattr(main, "__file__", None):  # a script: the server imports it once, the workers inherit it
         preload.append("__main__")
     ctx.set_forkserver_preload(preload)  # effective once, when the server starts
     return ctx
+
+
+def _imports_of(module: ModuleType) -> list[str]:
+    """The Python modules that ``module``'s top-level names come from (what it imports), itself excluded."""
+    own = {"__main__", "__mp_main__", module.__name__, getattr(module.__spec__, "name", None)}
+    names = set()
+    for key, value in vars(module).items():
+        if key.startswith("__"):  # its loader, spec, builtins
+            continue
+        name = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+        if (
+            isinstance(name, str)
+            and name not in own
+            and str(getattr(sys.modules.get(name), "__file__", "")).endswith(".py")
+        ):
+            names.add(name)
+    return sorted(names)
 
 
 def _proc_state(pid: int) -> str:
