@@ -1,17 +1,17 @@
 """Turn `dvc exp show --json` into the seed table of docs/results.md: one row per experiment, then mean +- spread.
 
-Reads the experiments of the current commit whose names start with ``--prefix`` (``make seeds`` names
-them ``<prefix>-<objective>-seed<N>``), groups them by objective and prints a Markdown table of the
-gate's numbers: linear-probe top-1 (pretrained, random-init encoder, raw pixels, the gap), k-NN top-1 at
-k = 10 (pretrained, random init), segmentation mIoU (pretrained, random init) and finetuning top-1
-(pretrained, random init).
+Reads the experiments of the current commit whose names start with a ``--prefix`` (``make seeds`` names
+them ``<prefix>-<objective>-seed<N>``; several prefixes put several studies' runs in one table), groups them by
+objective and prints a Markdown table of the gate's numbers: linear-probe top-1 (pretrained, random-init encoder,
+raw pixels, the gap), k-NN top-1 at k = 10 (pretrained, random init), segmentation mIoU (pretrained, random
+init) and finetuning top-1 (pretrained, random init).
 Each group ends with its mean and sample standard deviation; ``--check`` exits 1 unless every seed of
 every group meets the demo gate (probe gap >= 5 points, k-NN and segmentation above random init).
 A second table (``--view protocols``) puts the frozen-feature protocols side by side: the linear probe, the
 attentive probe, 1-shot and 1% linear probes (each with its random-init and pixel baselines), and the
 pretraining health monitor's final RankMe and online k-NN.
 
-    python scripts/seed_table.py [--prefix seeds] [--workspace] [--check] [--view gate|protocols|both]
+    python scripts/seed_table.py [--prefix seeds ...] [--workspace] [--check] [--view gate|protocols|both]
                                  [--json exp_show.json] [-A]
 """
 
@@ -107,8 +107,9 @@ def finished(show: list[dict]):
                     yield name, rev
 
 
-def experiments(show: list[dict], prefix: str, workspace: bool = False) -> list[dict]:
-    """Flatten `dvc exp show --json` into {name, seed, objective, <column>: value} for matching names (and
+def experiments(show: list[dict], prefix: str | tuple[str, ...], workspace: bool = False) -> list[dict]:
+    """Flatten `dvc exp show --json` into {name, seed, objective, <column>: value} for names that start with
+    ``prefix`` (or one of several) (and
     the workspace's results, named "workspace", with ``workspace``)."""
     rows = []
     if workspace:
@@ -169,7 +170,7 @@ def table(rows: list[dict], view: str = "gate") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prefix", default="seeds", help="experiment name prefix (make seeds PREFIX=...)")
+    ap.add_argument("--prefix", nargs="+", default=["seeds"], help="experiment name prefixes (make seeds PREFIX=...)")
     ap.add_argument("--json", help="read this saved `dvc exp show --json` output instead of running dvc")
     ap.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
     ap.add_argument("--check", action="store_true", help="exit 1 unless every seed meets the demo gate")
@@ -185,9 +186,9 @@ def main() -> None:
             show = json.load(f)
     else:
         show = exp_show(dvc_command("run `make seed-table`, or activate the project's .venv"), args.all_commits)
-    rows = experiments(show, args.prefix, args.workspace)
+    rows = experiments(show, tuple(args.prefix), args.workspace)
     if not rows:
-        sys.exit(f"no experiment named {args.prefix}* in `dvc exp show`: run `make seeds` first")
+        sys.exit(f"no experiment named {'* or '.join(args.prefix)}* in `dvc exp show`: run `make seeds` first")
     views = ["gate", "protocols"] if args.view == "both" else [args.view]
     print("\n\n".join(table(rows, v) for v in views))
     if args.check:

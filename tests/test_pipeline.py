@@ -412,9 +412,11 @@ def test_seed_runs_and_their_table(repo, capsys):
     assert exp["seed"] == 1 and exp["objective"] == "ijepa" and exp["probe"] is not None
     older = [c | {"rev": "0" * 40} for c in json.loads(json.dumps(shown))]  # the name again on an older commit
     assert experiments(shown + older, "seeds") == [exp]  # as `dvc exp show -A` lists it: the newest one counts
+    assert experiments(shown, ("other", "seeds-ijepa-")) == [exp] and experiments(shown, ("other",)) == []
     assert "skipped seeds-ijepa-seed1 of 0000000: a newer experiment has the name" in capsys.readouterr().err
     every = sh(repo, sys.executable, "scripts/seed_table.py", "--prefix", "seeds", "-A", "--view", "gate")
     assert row in every.stdout.splitlines()  # `-A`: every commit's experiments (here one commit)
+    assert row in sh(repo, sys.executable, "scripts/seed_table.py", "--prefix", "other", "seeds").stdout.splitlines()
     assert f"| {exp['probe']:.1f} | {exp['probe rand']:.1f} | {exp['probe'] - exp['probe rand']:.2f} |" in row
     assert (repo / "metrics/linprobe.json").read_text() == before  # the workspace is left as it was
     protocols = [line for line in r.stdout.splitlines() if line.startswith("| ijepa | 1 |")][1]
