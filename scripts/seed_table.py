@@ -109,8 +109,7 @@ def finished(show: list[dict]):
 
 def experiments(show: list[dict], prefix: str | tuple[str, ...], workspace: bool = False) -> list[dict]:
     """Flatten `dvc exp show --json` into {name, seed, objective, <column>: value} for names that start with
-    ``prefix`` (or one of several) (and
-    the workspace's results, named "workspace", with ``workspace``)."""
+    ``prefix`` (a string, or a tuple of them), and the workspace's results, named "workspace", with ``workspace``."""
     rows = []
     if workspace:
         ws = next((c for c in show if c.get("rev") == "workspace"), None)
