@@ -132,6 +132,8 @@ def _run_timing(path: Path, key: str, start: int, trained: int, seconds: float, 
         past = json.loads(path.read_text()) if start and path.exists() else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not the JSON pretraining writes ({e}); delete it to count the run afresh") from e
+    if not isinstance(past, dict):
+        raise ValueError(f"{path}: not the JSON pretraining writes (a {type(past).__name__}, not an object); delete it")
     past = past if past.get("key") == key else {}
     total = {
         "key": key,

@@ -209,6 +209,9 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
     (root / "models/pretrain" / pretrain_stage.TIMING).write_text("{truncated")
     with pytest.raises(ValueError, match=r"timing\.json: not the JSON pretraining writes"):
         pretrain_stage._run_timing(root / "models/pretrain" / pretrain_stage.TIMING, "k", 1, 1, 1.0, 0.0)
+    (root / "models/pretrain" / pretrain_stage.TIMING).write_text("null")  # JSON, but not the record
+    with pytest.raises(ValueError, match=r"timing\.json: not the JSON pretraining writes \(a NoneType"):
+        pretrain_stage._run_timing(root / "models/pretrain" / pretrain_stage.TIMING, "k", 1, 1, 1.0, 0.0)
     csv_path = root / "metrics/pretrain_steps.csv"
     csv_path.unlink()  # what DVC did to a non-persistent output before re-running the stage
     with pytest.raises(
