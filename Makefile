@@ -50,11 +50,11 @@ study: $(STAMP) ## a recipe study: GRID's variants as DVC experiments (STUDY_SEE
 seed-table: $(STAMP) ## print the seed table of the experiments `make seeds` ran (PREFIX=seeds)
 	$(PY) scripts/seed_table.py --prefix $(PREFIX)
 
-pretrain-slurm: $(STAMP) ## submit pretraining to SLURM via submitit (ARGS="launcher.nodes=2 launcher.partition=gpu --wait"), then `dvc commit pretrain`
-	$(PY) -m pipeline.launch --stage pretrain launcher=slurm $(ARGS)
+pretrain-slurm: $(STAMP) ## pretraining as a SLURM job from inside the chain: `dvc exp run -S launcher=slurm $(ARGS) pretrain` (ARGS="-S launcher.nodes=2 -S launcher.partition=gpu")
+	dvc exp run -S launcher=slurm $(ARGS) pretrain
 
-stage-slurm: $(STAMP) ## submit STAGE=pretrain|finetune|extract|seg_train|attnprobe to SLURM via submitit (ARGS as pretrain-slurm), then `dvc commit <stage>`
-	$(PY) -m pipeline.launch --stage $(STAGE) launcher=slurm $(ARGS)
+stage-slurm: $(STAMP) ## STAGE=pretrain|finetune|extract|seg_train|attnprobe (and what it needs) as SLURM jobs from inside the chain (ARGS as pretrain-slurm)
+	dvc exp run -S launcher=slurm $(ARGS) $(STAGE)
 
 slurm-up: ## (root) install and start a one-node SLURM on localhost to try `make pretrain-slurm`
 	bash scripts/local_slurm.sh start

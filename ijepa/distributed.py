@@ -63,7 +63,7 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
     if missing:
         raise RuntimeError(
             f"WORLD_SIZE={env.world_size} but {', '.join(missing)} not set: launch with torchrun or "
-            "`make pretrain-slurm` (submitit), which set them"
+            "a submitit job (launcher.kind: local or slurm), which set them"
         )
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if backend == "nccl" else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,15 +106,35 @@ class OptimParams:
     ema: tuple[float, float] = spec((0.996, 1.0), lambda e: 0 <= e[0] <= e[1] <= 1, "satisfy 0 <= start <= end <= 1")
     ipe_scale: float = spec(1.0, positive, "be > 0")
     bf16: bool = True
+    ref_batch_size: int = spec(2048, positive, "be > 0 (the effective batch the lrs above belong to)")
+    lr_scaling: Literal["none", "linear", "sqrt"] = "sqrt"  # the lrs at another effective batch
 
-    def spec(self, epochs: int):
-        """The ``ijepa.pretrain.OptimSpec`` of these params over ``epochs``."""
+    def lr_scale(self, batch: int) -> float:
+        """The factor on start_lr, lr and final_lr at effective batch ``batch`` (1.0 at ``ref_batch_size``)."""
+        ratio = batch / self.ref_batch_size
+        return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
+
+    def batch_note(self, batch: int, ranks: int) -> str | None:
+        """One line on an effective batch other than ``ref_batch_size`` and the lr it gets (None at the reference)."""
+        if batch * ranks == self.ref_batch_size:
+            return None
+        scale = self.lr_scale(batch * ranks)
+        return (
+            f"effective batch {batch * ranks} ({batch} x {ranks} rank(s)) is not optim.ref_batch_size "
+            f"{self.ref_batch_size}: lr {self.lr:g} x {scale:.4g} = {self.lr * scale:.4g} (optim.lr_scaling: "
+            f"{self.lr_scaling})"
+        )
+
+    def spec(self, epochs: int, batch: int | None = None):
+        """The ``ijepa.pretrain.OptimSpec`` of these params over ``epochs``, its lrs scaled to effective batch
+        ``batch`` by ``lr_scaling`` (None: as written)."""
         from ijepa.pretrain import OptimSpec
 
+        scale = 1.0 if batch is None else self.lr_scale(batch)
         return OptimSpec(
-            epochs=epochs, warmup=self.warmup, start_lr=self.start_lr, lr=self.lr, final_lr=self.final_lr,
-            weight_decay=self.weight_decay, final_weight_decay=self.final_weight_decay, ema=self.ema,
-            ipe_scale=self.ipe_scale, bf16=self.bf16,
+            epochs=epochs, warmup=self.warmup, start_lr=self.start_lr * scale, lr=self.lr * scale,
+            final_lr=self.final_lr * scale, weight_decay=self.weight_decay,
+            final_weight_decay=self.final_weight_decay, ema=self.ema, ipe_scale=self.ipe_scale, bf16=self.bf16,
         )  # fmt: skip
 
 
@@ -146,7 +167,10 @@ class PretrainParams:
 
 @dataclass(frozen=True)
 class LauncherParams:
-    kind: Literal["local", "slurm"] = "local"
+    """Where a distributed stage runs (``pipeline.launch``). Only the world size (nodes x tasks_per_node) changes
+    what is trained: dvc.yaml lists those two keys as the stages' params, and none of the others."""
+
+    kind: Literal["inline", "local", "slurm"] = "inline"
     nodes: int = spec(1, positive, "be > 0")
     tasks_per_node: int = spec(1, positive, "be > 0")
     gpus_per_node: int = spec(0, non_negative, "be >= 0")
@@ -158,6 +182,7 @@ class LauncherParams:
     max_requeues: int = spec(20, non_negative, "be >= 0")
     signal_delay_s: int = spec(120, positive, "be > 0 (seconds of warning before the time limit)")
     folder: str = "outputs/submitit"
+    poll_s: float = spec(10.0, positive, "be > 0 (seconds between looks at a job's state)")
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,11 @@ def run(params: dict, ctx, tracker, device) -> dict:
     data, model, mask = section(params, "data"), section(params, "model"), section(params, "mask")
     optim, pre, seed = section(params, "optim"), section(params, "pretrain"), section(params, "seed")
     check_mask_geometry(mask, data)
+    if ctx.is_main and (note := batch_note(params, ctx.world_size)):
+        print(note, flush=True)
     manifest = read_manifest(ctx.root / SHARDS)
     train_split = _training_split(ctx.root / SHARDS, manifest, pre.splits)
-    ipe = train_split["count"] // (pre.batch_size * ctx.world_size)
-    if ipe < 1:
-        raise ParamError(
-            f"pretrain.batch_size: {pre.batch_size} x {ctx.world_size} ranks exceeds the {train_split['count']} "
-            "training images: not one full batch per epoch"
-        )
+    ipe = _steps_per_epoch(train_split["count"], pre.batch_size, ctx.world_size)
     # what a checkpoint continues (pipeline.resume): the params but the monitor's and the tracking's (they change
     # no weight), the world size (effective batch, each rank's data) and the training shards themselves
     key = run_key(
@@ -96,7 +93,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
     t0 = time.perf_counter()
     try:
         result = pretrain(
-            model=model.spec(data, section(params, "objective")), optim=optim.spec(pre.epochs), ipe=ipe,
+            model=model.spec(data, section(params, "objective")), ipe=ipe,
+            optim=optim.spec(pre.epochs, pre.batch_size * ctx.world_size),
             batch_size=pre.batch_size, make_batches=_batches(ctx, data, mask, pre, seed, train_split, ipe, device),
             out_dir=out, device=device, seed=seed, save_every_epochs=pre.save_every_epochs,
             world_size=ctx.world_size, is_main=ctx.is_main,
@@ -122,6 +120,23 @@ def run(params: dict, ctx, tracker, device) -> dict:
     steps = timing["steps"]
     speed = round(steps * pre.batch_size * ctx.world_size / timing["seconds"], 1) if steps else None
     return _outputs(ctx, tracker, params, result, steps_csv.read(), monitor_csv.read(), health, timing, speed, ipe)
+
+
+def _steps_per_epoch(images: int, batch_size: int, world_size: int) -> int:
+    """Full effective batches per epoch (the last partial one is dropped), at least one."""
+    ipe = images // (batch_size * world_size)
+    if ipe < 1:
+        raise ParamError(
+            f"pretrain.batch_size: {batch_size} x {world_size} ranks exceeds the {images} training images: not one "
+            "full batch per epoch"
+        )
+    return ipe
+
+
+def batch_note(params: dict, world_size: int) -> str | None:
+    """The run's first line when its effective batch is not the one its lrs were written for (``optim``)."""
+    note = section(params, "optim").batch_note(section(params, "pretrain").batch_size, world_size)
+    return note and f"pretrain: {note}"
 
 
 def _run_timing(path: Path, key: str, start: int, trained: int, seconds: float, monitor_seconds: float) -> dict:
@@ -194,6 +209,7 @@ def _batches(ctx, data, mask, pre, seed: int, train_split: dict, ipe: int, devic
 def _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, speed, ipe) -> dict:
     """Rank 0's metrics, plots, MLflow artifacts and the registered target encoder of a finished run."""
     data, model, pre = section(params, "data"), section(params, "model"), section(params, "pretrain")
+    optim = section(params, "optim")
     first = [r["loss"] for r in rows if r["epoch"] == 0]
     last = [r["loss"] for r in rows if r["epoch"] == pre.epochs - 1]
     metrics = {
@@ -205,6 +221,8 @@ def _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, sp
         "ipe": ipe,
         "world_size": ctx.world_size,
         "effective_batch_size": pre.batch_size * ctx.world_size,
+        "ref_batch_size": optim.ref_batch_size,  # the lrs in params belong to this batch; lr_scale adapts them
+        "lr_scale": round(optim.lr_scale(pre.batch_size * ctx.world_size), 6),
         "monitor_seconds": round(timing["monitor_seconds"], 2),  # in the health monitor, over the run (as the speed)
     } | health_metrics(health_rows)
     write_json(ctx.root / "metrics/pretrain.json", metrics)
@@ -225,4 +243,4 @@ def _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, sp
 
 
 if __name__ == "__main__":
-    main("pretrain", run, SECTIONS)
+    main("pretrain", run, SECTIONS, describe=batch_note)

@@ -18,8 +18,8 @@ from ijepa.eval.attentive_stream import batch_tokens, train_attentive_probes_str
 from ijepa.eval.features import extract_features
 from ijepa.models.vit import VisionTransformer
 
+from .helpers import free_port
 from .test_data import make_folder
-from .test_distributed import _free_port
 from .test_distributed_downstream import _join
 
 CROP, PATCH = 16, 4
@@ -134,7 +134,7 @@ def _fixed_batches(rank: int, world: int, out: Path) -> dict:
 @pytest.mark.process
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     (tmp_path / "ddp").mkdir()
-    mp.spawn(_ranks, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ranks, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     (tmp_path / "one").mkdir()
     single = _fixed_batches(0, 1, tmp_path / "one")
     ranks = [json.loads((tmp_path / f"ddp/result-{r}.json").read_text()) for r in (0, 1)]

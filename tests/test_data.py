@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import time
@@ -42,6 +40,8 @@ from ijepa.data.loaders import (
 from ijepa.data.shards import SplitTooSmall
 from ijepa.errors import UserError
 from ijepa.masks import MultiBlockMaskCollator
+
+from .helpers import mini_fashion_mnist, write_idx
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -266,21 +266,6 @@ def test_pretrain_loader_fixed_epochs_per_rank_and_deterministic(tmp_path):
     assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(r0, again, strict=True))
     other = epoch(0, 1)
     assert not all(torch.equal(a[0][1], b[0][1]) for a, b in zip(r0, other, strict=True))
-
-
-def write_idx(path: Path, arr: np.ndarray, magic: int) -> None:
-    header = struct.pack(">II", magic, len(arr)) + (struct.pack(">II", *arr.shape[1:]) if arr.ndim == 3 else b"")
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def mini_fashion_mnist(folder: Path, n_train=40, n_test=20) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)), 2051)
-        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, 2049)
-    return folder
 
 
 def test_fashion_mnist_idx_source(tmp_path):

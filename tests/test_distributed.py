@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,25 +21,18 @@ from ijepa.checkpoint import load_checkpoint_meta, read_checkpoint
 from ijepa.device import pick_device
 from ijepa.distributed import DistEnv, all_reduce_mean, env_from_os, init_distributed, shutdown, wrap_ddp
 from ijepa.pretrain import OptimSpec, pretrain
-from pipeline import launch
+from pipeline import launch, stage
 from pipeline.params import section
 from pipeline.schema import ParamError
-from pipeline.stage import run_stage
 from stages import prepare
 from stages import pretrain as pretrain_stage
 
 from .conftest import TINY, step_batches, tiny_collator
-from .test_data import mini_fashion_mnist, write_idx
+from .helpers import free_port, mini_fashion_mnist, write_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_BATCH, IPE = 8, 3
 OPTIM = OptimSpec(epochs=2, warmup=1, start_lr=2e-4, lr=1e-3, bf16=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shared_batches(rank: int, world: int):
@@ -90,7 +81,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cuda: bool = False) 
 
 @pytest.mark.process
 def test_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     single = _train(0, 1, tmp_path / "single")
     ddp = [json.loads((tmp_path / f"ddp/losses-{r}.json").read_text()) for r in (0, 1)]
     assert len(single) == OPTIM.epochs * IPE
@@ -108,7 +99,7 @@ def test_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_two_nccl_ranks_equal_one_gpu_over_the_combined_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), True), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), True), nprocs=2, join=True)
     single = _train(0, 1, tmp_path / "single", pick_device("cuda", 0))
     ddp = json.loads((tmp_path / "ddp/losses-0.json").read_text())
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=1e-3, atol=1e-4)
@@ -151,17 +142,22 @@ def test_env_and_launcher_errors(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
         init_distributed(DistEnv(0, 2, 0), torch.device("cpu"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    with pytest.raises(ParamError, match=r"pretrain\.epochs: only launcher settings"):
-        launch.apply_overrides(params, ["pretrain.epochs=3"], ROOT / "params")
-    with pytest.raises(ParamError, match="options: local, slurm"):
-        launch.apply_overrides(params, ["launcher=nope"], ROOT / "params")
-    p = launch.apply_overrides(
-        params, ["launcher=slurm", "launcher.nodes=2", "launcher.partition=gpu"], ROOT / "params"
-    )
-    lp = section(p, "launcher")
-    assert (lp.kind, lp.nodes, lp.partition, lp.tasks_per_node) == ("slurm", 2, "gpu", 8)
+    lp = section(params, "launcher")
+    with pytest.raises(ParamError, match="launcher.kind: inline runs in the stage's process"):
+        launch.make_executor(lp, tmp_path / "logs")
+    with pytest.raises(ParamError, match="launcher.nodes: 2 with launcher.kind=local; local runs have one node"):
+        launch.make_executor(dataclasses.replace(lp, kind="local", nodes=2), tmp_path / "logs")
     with pytest.raises(ParamError, match="launcher.nodes"):
-        section(launch.apply_overrides(params, ["launcher.nodes=0"], ROOT / "params"), "launcher")
+        section({"launcher": {**params["launcher"], "nodes": 0}}, "launcher")
+    # inline, the params must say one process (torchrun, which sets WORLD_SIZE, brings its own ranks)
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(params | {"launcher": params["launcher"] | {"tasks_per_node": 2}}))
+    assert stage.launched("pretrain", pretrain_stage.SECTIONS, root) is None  # WORLD_SIZE=2 above: torchrun
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ParamError, match=r"launcher.tasks_per_node: launcher.kind=inline runs one process, but .* = 2"):
+        stage.launched("pretrain", pretrain_stage.SECTIONS, root)
+    assert stage.launched("knn", ("knn",), root) is None  # a one-process stage ignores the launcher
 
 
 # -- the pretrain stage as a submitit job -------------------------------------------------------------
@@ -187,7 +183,7 @@ def _project(root: Path, epochs: int, in_memory: bool = True) -> tuple[Path, dic
     root.mkdir(parents=True)
     shutil.copytree(ROOT / "params", root / "params")  # the launcher groups `launcher=slurm` loads
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
+    stage.run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
     return root, params
 
 
@@ -199,9 +195,9 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
     """`dvc repro` after a code change re-enters a finished run: no step trained, the loss metrics and the run's
     own pace unchanged (its time is kept beside the checkpoint; the re-entry used to write a null speed)."""
     root, params = _project(tmp_path / "p", 1)
-    first = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    first = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     timing = json.loads((root / "models/pretrain" / pretrain_stage.TIMING).read_text())
-    again = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    again = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert first["images_per_second"] > 0 and timing["steps"] == first["steps"] and timing["seconds"] > 0
     for k in ("final_loss", "first_epoch_loss", "steps", "images_per_second", "monitor_seconds"):
         assert again[k] == first[k], k
@@ -217,7 +213,7 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
     with pytest.raises(
         FileNotFoundError, match=rf"pretrain_steps\.csv holds 0 step rows but .* resumes at step {first['steps']}:"
     ):
-        run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+        stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert (root / "models/pretrain/jepa-latest.pth.tar").is_file()  # the checkpoint is left alone
 
 
@@ -225,14 +221,14 @@ def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
     """Same params, other training images of the same count (so the same steps per epoch): the finished
     checkpoint is set aside and pretraining starts at step 0 (it used to count as finished and train nothing)."""
     root, params = _project(tmp_path / "p", 1)
-    first = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    first = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     before = _weights(root)
     other = tmp_path / "other-fm"
     shutil.copytree(tmp_path / "p-fm", other)
     write_idx(other / "train-images-idx3-ubyte.gz", np.random.default_rng(1).integers(0, 255, (200, 28, 28)), 2051)
     params["prepare"]["source"]["dir"] = str(other)
-    run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
-    again = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    stage.run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
+    again = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert again["images_per_second"] is not None and again["steps"] == first["steps"]
     stale = list((root / "models").glob("pretrain.stale-*"))
     assert len(stale) == 1 and (stale[0] / "jepa-latest.pth.tar").is_file()  # kept for inspection
@@ -249,14 +245,14 @@ def test_a_preempted_pretrain_stage_resumes_mid_epoch_to_the_uninterrupted_resul
 
     root, params = _project(tmp_path / "cut", 2, in_memory)
     ref_root, ref_params = _project(tmp_path / "ref", 2, in_memory)
-    ref = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=ref_root, params=ref_params)
+    ref = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=ref_root, params=ref_params)
     asked = iter(range(10**6))
     monkeypatch.setattr(preemption, "requested", lambda: next(asked) == 30)  # 22 steps per epoch
-    cut = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    cut = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert cut["stopped"] and 22 < cut["steps"] < 44, cut
     assert load_checkpoint_meta(root / "models/pretrain/jepa-latest.pth.tar")["step"] == cut["steps"]
     monkeypatch.setattr(preemption, "requested", lambda: False)
-    done = run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    done = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert done["steps"] == ref["steps"] == 44 and done["final_loss"] == ref["final_loss"]
     timing = json.loads((root / "models/pretrain" / pretrain_stage.TIMING).read_text())
     assert timing["steps"] == 44 and timing["seconds"] > 0  # the speed counts both invocations' steps and time
@@ -292,9 +288,9 @@ def test_submitit_job_preempted_twice_requeues_and_resumes_exactly(tmp_path):
     epochs, in_memory = 8, False  # 88 steps of 2 x 8 images
     root, params = _project(tmp_path / "cut", epochs, in_memory)
     ref_root, ref_params = _project(tmp_path / "ref", epochs, in_memory)
-    lp = dataclasses.replace(section(params, "launcher"), tasks_per_node=2, max_requeues=5, time_min=30)
-    ref = launch.submit_stage(launch.make_executor(lp, tmp_path / "logs-ref"), ref_root, ref_params)
-    job = launch.submit_stage(launch.make_executor(lp, tmp_path / "logs-cut"), root, params)
+    lp = dataclasses.replace(section(params, "launcher"), kind="local", tasks_per_node=2, max_requeues=5, time_min=30)
+    ref = launch.make_executor(lp, tmp_path / "logs-ref").submit(stage.StageJob(str(ref_root), ref_params))
+    job = launch.make_executor(lp, tmp_path / "logs-cut").submit(stage.StageJob(str(root), params))
     deadline, rows = time.monotonic() + 400, root / "metrics/pretrain_steps.csv"
     _preempt(job, rows, 20, deadline)  # inside epoch 2
     _preempt(job, rows, 50, deadline)  # inside epoch 5
@@ -309,43 +305,3 @@ def test_submitit_job_preempted_twice_requeues_and_resumes_exactly(tmp_path):
     lines = rows.read_text().splitlines()
     assert len(lines) == 1 + epochs * 11  # one row per step, none doubled by the requeues
     assert lines == (ref_root / "metrics/pretrain_steps.csv").read_text().splitlines()
-
-
-# -- real SLURM -------------------------------------------------------------------------------------------
-
-
-def _slurm_running() -> bool:
-    return shutil.which("sinfo") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
-
-
-@pytest.mark.process
-@pytest.mark.slurm
-@pytest.mark.skipif(os.geteuid() != 0, reason="starting a local SLURM needs root")
-def test_two_task_pretraining_on_a_real_one_node_slurm(tmp_path):
-    started = not _slurm_running()
-    if started:
-        subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "start"], check=True)
-    try:
-        root, _ = _project(tmp_path / "proj", epochs=2)
-        rc = launch.main(
-            [
-                "launcher=slurm",
-                "launcher.tasks_per_node=2",
-                "launcher.gpus_per_node=0",
-                "launcher.cpus_per_task=1",
-                "launcher.mem_gb=2",
-                "launcher.time_min=10",
-                "--root",
-                str(root),
-                "--wait",
-            ]
-        )
-        assert rc == 0
-        metrics = json.loads((root / "metrics/pretrain.json").read_text())
-        assert metrics["world_size"] == 2 and metrics["steps"] == 2 * (180 // 16)
-        assert load_checkpoint_meta(root / "models/pretrain/jepa-latest.pth.tar")["step"] == metrics["steps"]
-        logs = list((root / "outputs/submitit").rglob("*_1_log.out"))
-        assert logs and "task 1/2" in logs[0].read_text()
-    finally:
-        if started:
-            subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "stop"], check=False)

@@ -27,11 +27,12 @@ from ijepa.seg.model import SegmentationModel
 from ijepa.seg.train import SegTrainSpec, train_segmentation
 from pipeline import launch
 from pipeline.params import section
-from pipeline.stage import run_stage
+from pipeline.stage import StageJob, run_stage
 from stages import extract
 from stages import pretrain as pretrain_stage
 
-from .test_distributed import _free_port, _project
+from .helpers import free_port
+from .test_distributed import _project
 from .test_seg import CLASSES, _scenes
 
 pytestmark = pytest.mark.process
@@ -91,7 +92,7 @@ def _finetune_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_finetune_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_path):
     (tmp_path / "ddp").mkdir()
-    mp.spawn(_finetune_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_finetune_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     (tmp_path / "one").mkdir()
     single = _finetune(0, 1, tmp_path / "one")
     ranks = [json.loads((tmp_path / f"ddp/result-{r}.json").read_text()) for r in (0, 1)]
@@ -142,7 +143,7 @@ def _seg_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 def test_seg_training_two_gloo_ranks_stay_in_step(tmp_path):
     _scenes(tmp_path / "train", 16, 0)
-    mp.spawn(_seg_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_seg_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"seg-{r}.pt", weights_only=True) for r in (0, 1))
     assert a["history"] == b["history"] and len(a["history"]) == 2  # the loss logged is the ranks' mean
     for name, t in a["state"].items():
@@ -168,7 +169,7 @@ def test_extract_and_finetune_stages_under_two_ranks(tmp_path):
     (root / "params.json").write_text(json.dumps(params))
     run_stage("extract", extract.run, extract.SECTIONS, root=root, params=params)
     shutil.move(root / "data/features", tmp_path / "single")
-    mp.spawn(_stage_worker, args=(2, _free_port(), str(root), "extract"), nprocs=2, join=True)
+    mp.spawn(_stage_worker, args=(2, free_port(), str(root), "extract"), nprocs=2, join=True)
     for name in ("pretrained", "random_init", "pixels", "tokens_pretrained"):
         one = torch.load(tmp_path / f"single/{name}.pt", weights_only=True)
         two = torch.load(root / f"data/features/{name}.pt", weights_only=True)
@@ -185,7 +186,7 @@ def test_extract_and_finetune_stages_under_two_ranks(tmp_path):
     params["finetune"]["epochs"] = 3
     (root / "params.json").write_text(json.dumps(params))
     lp = dataclasses.replace(section(params, "launcher"), kind="local", tasks_per_node=2, max_requeues=2)
-    job = launch.submit_stage(launch.make_executor(lp, tmp_path / "logs", "finetune"), root, params, "finetune")
+    job = launch.make_executor(lp, tmp_path / "logs", "finetune").submit(StageJob(str(root), params, "finetune"))
     state = root / "models/resume/finetune.pt"
     deadline = time.monotonic() + 240
     while not state.exists():

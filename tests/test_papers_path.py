@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from .test_pipeline import ROOT, copy_project, git_init, sh
+from .helpers import ROOT, copy_project, git_init, sh
 
 pytestmark = pytest.mark.slow
 

@@ -19,76 +19,11 @@ from PIL import Image
 
 from ijepa import load_encoder
 
-from .test_data import mini_fashion_mnist
-from .test_distributed import _free_port
+from .helpers import ROOT, TEST_OVERLAY, copy_project, free_port, git_init, mini_fashion_mnist, sh
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 # One DVC chain per test run, built by the module's `repo` fixture; `make test` runs a file's tests in one pytest-xdist
 # worker (--dist loadfile), so every test here reads that one chain.
 pytestmark = pytest.mark.slow
-
-TEST_OVERLAY = """# @package _global_
-# The debug overlay on a miniature Fashion-MNIST made by the test.
-defaults:
-  - debug
-prepare:
-  val_fraction: 0.1 # the counts asserted below, whatever the demo's split
-  source:
-    dir: fixtures/fm
-seg_prepare:
-  fashion_mnist_dir: fixtures/fm
-"""
-
-
-def sh(
-    repo: Path, *cmd: str, check: bool = True, env: dict | None = None, log: Path | None = None
-) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in ``repo`` with the project's .venv first on PATH; its output captured, or written to ``log``
-    (for commands that leave daemons behind, which would hold a pipe open)."""
-    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
-    full_env = {
-        **base,
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-        **(env or {}),
-    }
-    if log is not None:
-        with open(log, "w") as f:
-            r = subprocess.run(cmd, cwd=repo, env=full_env, stdout=f, stderr=subprocess.STDOUT, text=True, timeout=600)
-        r.stdout, r.stderr = log.read_text(), ""
-    else:
-        r = subprocess.run(cmd, cwd=repo, env=full_env, capture_output=True, text=True, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
-def copy_project(repo: Path) -> Path:
-    """The project's tracked (and untracked, not ignored) files copied into ``repo``."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, repo / f)
-    return repo
-
-
-def git_init(repo: Path) -> None:
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "test project")
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +196,7 @@ def test_make_serve_answers_like_ijepa_classify_and_refuses_bad_requests(repo, c
     files, by_path = classified
     _, names, pre = load_classifier(repo / "models/finetune/classifier.pth")
     rgb = build_batch([read_bgr(f) for f in files], EvalTransform(pre.crop_size, pre.resize_size)).numpy()[..., ::-1]
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MAKEFLAGS", "MFLAGS")}
     server = subprocess.Popen(
         ["make", "-s", "-C", str(ROOT), "serve", f"SERVE_PORT={port}", f"TRACKING_URI=sqlite:///{repo}/mlflow.db"],

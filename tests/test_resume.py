@@ -23,8 +23,7 @@ from pipeline.resume import EpochState, folder_key, run_key
 from pipeline.stage import run_stage
 from stages import finetune, prepare, seg_prepare, seg_train
 
-from .test_data import mini_fashion_mnist
-from .test_pipeline import BIN, ROOT, TEST_OVERLAY, copy_project, git_init, sh
+from .helpers import BIN, ROOT, TEST_OVERLAY, copy_project, git_init, mini_fashion_mnist, sh
 from .test_stages import official_checkpoint
 
 EPOCHS = 5

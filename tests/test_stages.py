@@ -29,7 +29,7 @@ from stages import (
     seg_train,
 )
 
-from .test_data import mini_fashion_mnist
+from .helpers import mini_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
