@@ -7,9 +7,11 @@ that does not, and where each stage keeps its state.
   encoder checkpoint).
 - **Stale runs are set aside, never resumed and never deleted**: a saved state under another key is moved to
   ``<name>.stale-<unix time>`` beside it, with one line saying so, and training starts afresh.
-- **Where.** Pretraining continues from its checkpoint (``models/pretrain``, a persistent DVC output). The other
-  stages save their state after every epoch to ``models/resume/<stage>.pt`` (outside their DVC outputs, which
-  DVC deletes before it reruns a stage) and remove it once they finish.
+- **Where.** Outside the stages' DVC outputs (DVC deletes those before it reruns a stage, and `dvc exp run`
+  checks them out of its cache): pretraining in ``models/resume/pretrain/`` (checkpoint and logs), moved to its
+  output ``models/pretrain`` (persistent: a finished run is re-entered from there) when it finishes; the other
+  stages in ``models/resume/<stage>.pt`` after every epoch, removed once they finish; a job's id in
+  ``models/resume/<stage>.job.json`` (``pipeline.launch``).
 - **Stops.** SLURM's warning signal (``pipeline.preemption``) stops a run at the next step (pretraining) or epoch
   (the others) boundary after its state is saved; submitit then requeues the job, and the requeued job resumes.
   A kill -9 loses at most the current epoch (pretraining: the steps since its last checkpoint).

@@ -1,18 +1,22 @@
 """pretrain: I-JEPA on the shards' train split (and any other ``pretrain.splits`` names) ->
 models/pretrain/jepa-latest.pth.tar, loss/lr/EMA curves.
 
-An interrupted run resumes from the latest checkpoint on the next ``dvc repro`` (the output is persistent);
-a checkpoint written under different params, a different world size or other training shards is set aside
-(moved to ``models/pretrain.stale-<time>``), never resumed.
+The run in progress lives in ``models/resume/pretrain`` (checkpoint, step and health logs, training time) and
+becomes ``models/pretrain`` when it finishes. An interrupted run resumes from there on the next run of the stage;
+a finished run re-entered after a code change trains no step; a run written under different params, a
+different world size or other training shards is set aside (``models/resume/pretrain.stale-<time>``), never
+resumed.
 
-Distributed: run under ``torchrun --nproc_per_node N -m stages.pretrain`` or ``make pretrain-slurm``
-(submitit); each rank reads its own shards, DDP averages gradients, the logged loss is all-reduced and
-only rank 0 writes. ``pretrain.batch_size`` is per rank: the effective batch is batch_size x world size.
+Distributed: run under ``torchrun --nproc_per_node N -m stages.pretrain`` or as a job (``launcher.kind``);
+each rank reads its own shards, DDP averages gradients, the logged loss is all-reduced and only rank 0 writes.
+``pretrain.batch_size`` is per rank: the effective batch is batch_size x world size.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -32,15 +36,17 @@ from pipeline.monitoring import COLUMNS as MONITOR_COLUMNS
 from pipeline.monitoring import MonitorHook, build_health_monitor, health_metrics, plot_health
 from pipeline.outputs import StepCSV, plot_series, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
-from pipeline.resume import check_history, checkpoint_step, run_key, shards_key
+from pipeline.resume import RESUME_DIR, check_history, checkpoint_step, run_key, shards_key
 from pipeline.stage import main
 
 SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "objective", "tracking")
 SHARDS, OUT, LATEST = Path("data/shards"), Path("models/pretrain"), "jepa-latest.pth.tar"
-STEPS_CSV = Path("metrics/pretrain_steps.csv")  # persistent in dvc.yaml, like the checkpoint it goes with
+WORK = RESUME_DIR / "pretrain"  # the run in progress; OUT, the DVC output, holds finished runs only
 COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "k_enc", "k_pred"]
-MONITOR_CSV = Path("metrics/pretrain_monitor.csv")  # persistent too: a resumed run keeps the rows before it
-TIMING = "timing.json"  # beside the checkpoint: the training time of the run it holds, over its invocations
+# beside the checkpoint: the history of the run it holds (step rows, health rows, training time over its
+# invocations), which a resumed run continues; metrics/ gets copies of the two logs when the run is finished
+STEPS, MONITOR, TIMING = "steps.csv", "monitor.csv", "timing.json"
+STEPS_CSV, MONITOR_CSV = Path("metrics/pretrain_steps.csv"), Path("metrics/pretrain_monitor.csv")
 
 
 @distributed_stage("pretrain.device")
@@ -59,18 +65,10 @@ def run(params: dict, ctx, tracker, device) -> dict:
         params, [s for s in SECTIONS if s != "tracking"], exclude={"pretrain": ("monitor",)},
         world_size=ctx.world_size, train=shards_key(train_split),
     )  # fmt: skip
-    out = ctx.root / OUT
-    start = checkpoint_step(out, LATEST, key, "pretrain") if ctx.is_main else 0
-    # rank 0 alone touches the step logs (others would truncate them under its feet); a resumed run was
-    # monitored up to and including its checkpoint's step
-    steps_csv = StepCSV(ctx.root / STEPS_CSV, COLUMNS, truncate_from=start) if ctx.is_main else None
-    if steps_csv is not None and start:
-        check_history(steps_csv.read(), start, ctx.root / STEPS_CSV, out / LATEST)
-    monitor_csv = (
-        StepCSV(ctx.root / MONITOR_CSV, MONITOR_COLUMNS, truncate_from=start + 1 if start else 0)
-        if ctx.is_main
-        else None
-    )
+    work = ctx.root / WORK
+    start = _enter(ctx.root, key) if ctx.is_main else 0
+    # rank 0 alone touches the logs (others would truncate them under its feet)
+    steps_csv, monitor_csv = _history(ctx.root, work, start) if ctx.is_main else (None, None)
     if ctx.world_size > 1:  # rank 0 decided (and set aside a stale checkpoint); the others follow
         flag = [start]
         torch.distributed.broadcast_object_list(flag, src=0)
@@ -96,7 +94,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
             model=model.spec(data, section(params, "objective")), ipe=ipe,
             optim=optim.spec(pre.epochs, pre.batch_size * ctx.world_size),
             batch_size=pre.batch_size, make_batches=_batches(ctx, data, mask, pre, seed, train_split, ipe, device),
-            out_dir=out, device=device, seed=seed, save_every_epochs=pre.save_every_epochs,
+            out_dir=work, device=device, seed=seed, save_every_epochs=pre.save_every_epochs,
             world_size=ctx.world_size, is_main=ctx.is_main,
             wrap=(lambda jepa: wrap_ddp(jepa, device)) if ctx.world_size > 1 else None,
             reduce_loss=all_reduce_mean if ctx.world_size > 1 else None, on_step=on_step,
@@ -109,7 +107,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
         bar.close()
     seconds = time.perf_counter() - t0
     if ctx.is_main:  # rank 0 records the time (every rank trains the same steps)
-        timing = _run_timing(out / TIMING, key, start, result["step"] - start, seconds, hook.seconds if hook else 0)
+        timing = _run_timing(work / TIMING, key, start, result["step"] - start, seconds, hook.seconds if hook else 0)
     if result["stopped"]:
         print(f"pretrain: stopped at step {result['step']}; {result['checkpoint']} resumes from there", flush=True)
         return {"stopped": True, "steps": result["step"]}
@@ -119,7 +117,63 @@ def run(params: dict, ctx, tracker, device) -> dict:
     # stage after any change to ijepa/) trains nothing and reports the run's numbers, not null
     steps = timing["steps"]
     speed = round(steps * pre.batch_size * ctx.world_size / timing["seconds"], 1) if steps else None
-    return _outputs(ctx, tracker, params, result, steps_csv.read(), monitor_csv.read(), health, timing, speed, ipe)
+    rows, health_rows = steps_csv.read(), monitor_csv.read()
+    result["checkpoint"] = _publish(ctx.root)
+    return _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, speed, ipe)
+
+
+def _enter(root: Path, key: str) -> int:
+    """The step the run under ``key`` continues from, in its working folder ``WORK``: the run in progress there,
+    else the finished run published in ``OUT`` (a code change reruns the stage: it trains no step), else 0.
+
+    The run works outside ``OUT`` because a `dvc exp run` checks the workspace's outputs out of the DVC cache
+    before it runs the stage, which would replace the files of a job it re-attaches to."""
+    work, out = root / WORK, root / OUT
+    start = checkpoint_step(work, LATEST, key, "pretrain")  # another key's run in progress is set aside
+    if start or not (out / LATEST).exists():
+        return start
+    work.mkdir(parents=True, exist_ok=True)
+    for f in out.iterdir():  # checkpoints are replaced by rename, never rewritten: a hard link is a copy
+        if f.name.endswith(".pth.tar"):
+            _link_or_copy(f, work / f.name)
+        elif f.is_file():
+            shutil.copy2(f, work / f.name)
+    return checkpoint_step(work, LATEST, key, "pretrain")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _publish(root: Path) -> Path:
+    """The finished run's folder becomes ``OUT`` (the previous one goes); its checkpoint's path."""
+    work, out = root / WORK, root / OUT
+    if out.exists():
+        old = out.with_name(f"{out.name}.replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)  # a kill from here on leaves WORK, which the next run publishes
+        work.rename(out)
+        shutil.rmtree(old)
+    else:
+        work.rename(out)
+    return out / LATEST
+
+
+def _history(root: Path, work: Path, start: int) -> tuple[StepCSV, StepCSV]:
+    """The step and health logs of the run in ``work``, cut after ``start`` (a resumed run was monitored up to and
+    including its checkpoint's step). They stay beside the checkpoint, not in metrics/ (files git tracks, which
+    `dvc exp run` stashes and restores). A run whose folder lacks them (a checkpoint of earlier versions of this
+    stage) continues the published logs."""
+    for name, published in ((STEPS, STEPS_CSV), (MONITOR, MONITOR_CSV)):
+        if start and not (work / name).exists() and (root / published).exists():
+            shutil.copyfile(root / published, work / name)
+    steps = StepCSV(work / STEPS, COLUMNS, truncate_from=start)
+    if start:
+        check_history(steps.read(), start, work / STEPS, work / LATEST)
+    return steps, StepCSV(work / MONITOR, MONITOR_COLUMNS, truncate_from=start + 1 if start else 0)
 
 
 def _steps_per_epoch(images: int, batch_size: int, world_size: int) -> int:
@@ -229,6 +283,8 @@ def _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, sp
     title = f"I-JEPA pretraining ({model.name}, {data.crop_size}/{data.patch_size})"
     png = plot_series(rows, "step", ["loss", "lr", "momentum"], ctx.root / "plots/pretrain_curves.png", title)
     tracker.log_artifact(png, "plots")
+    for name, published in ((STEPS, STEPS_CSV), (MONITOR, MONITOR_CSV)):
+        shutil.copyfile(ctx.root / OUT / name, ctx.root / published)
     tracker.log_artifact(ctx.root / STEPS_CSV, "metrics")
     tracker.log_artifact(plot_health(health_rows, health, ctx.root / "plots/pretrain_monitor.png"), "plots")
     tracker.log_artifact(ctx.root / MONITOR_CSV, "metrics")

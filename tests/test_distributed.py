@@ -208,13 +208,25 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
     (root / "models/pretrain" / pretrain_stage.TIMING).write_text("null")  # JSON, but not the record
     with pytest.raises(ValueError, match=r"timing\.json: not the JSON pretraining writes \(a NoneType"):
         pretrain_stage._run_timing(root / "models/pretrain" / pretrain_stage.TIMING, "k", 1, 1, 1.0, 0.0)
-    csv_path = root / "metrics/pretrain_steps.csv"
-    csv_path.unlink()  # what DVC did to a non-persistent output before re-running the stage
+    (root / "models/pretrain" / pretrain_stage.TIMING).write_text(json.dumps(timing))
+    published, history = root / "metrics/pretrain_steps.csv", root / "models/pretrain/steps.csv"
+    rows = published.read_text()
+    assert history.read_text() == rows and len(rows.splitlines()) == 1 + first["steps"]
+    published.unlink()  # what DVC does to a non-persistent output before it reruns the stage
+    stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert published.read_text() == rows  # the history beside the checkpoint, published again
+    # a checkpoint whose folder holds no history (written by an earlier version) continues the published one
+    history.unlink()
+    (root / "models/pretrain/monitor.csv").unlink()
+    again = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
+    assert history.read_text() == rows and again["final_loss"] == first["final_loss"]
+    history.unlink()
+    published.unlink()  # lost everywhere: refused, naming the file
     with pytest.raises(
-        FileNotFoundError, match=rf"pretrain_steps\.csv holds 0 step rows but .* resumes at step {first['steps']}:"
+        FileNotFoundError, match=rf"pretrain/steps\.csv holds 0 step rows but .* resumes at step {first['steps']}:"
     ):
         stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
-    assert (root / "models/pretrain/jepa-latest.pth.tar").is_file()  # the checkpoint is left alone
+    assert (root / "models/pretrain/jepa-latest.pth.tar").is_file()  # the finished run is left alone
 
 
 def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
@@ -230,7 +242,7 @@ def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
     stage.run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
     again = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert again["images_per_second"] is not None and again["steps"] == first["steps"]
-    stale = list((root / "models").glob("pretrain.stale-*"))
+    stale = list((root / "models/resume").glob("pretrain.stale-*"))
     assert len(stale) == 1 and (stale[0] / "jepa-latest.pth.tar").is_file()  # kept for inspection
     assert not torch.equal(_weights(root)["module.patch_embed.proj.weight"], before["module.patch_embed.proj.weight"])
 
@@ -250,7 +262,8 @@ def test_a_preempted_pretrain_stage_resumes_mid_epoch_to_the_uninterrupted_resul
     monkeypatch.setattr(preemption, "requested", lambda: next(asked) == 30)  # 22 steps per epoch
     cut = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert cut["stopped"] and 22 < cut["steps"] < 44, cut
-    assert load_checkpoint_meta(root / "models/pretrain/jepa-latest.pth.tar")["step"] == cut["steps"]
+    assert load_checkpoint_meta(root / "models/resume/pretrain/jepa-latest.pth.tar")["step"] == cut["steps"]
+    assert not (root / "models/pretrain").exists()  # the DVC output holds finished runs only
     monkeypatch.setattr(preemption, "requested", lambda: False)
     done = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert done["steps"] == ref["steps"] == 44 and done["final_loss"] == ref["final_loss"]
@@ -291,7 +304,7 @@ def test_submitit_job_preempted_twice_requeues_and_resumes_exactly(tmp_path):
     lp = dataclasses.replace(section(params, "launcher"), kind="local", tasks_per_node=2, max_requeues=5, time_min=30)
     ref = launch.make_executor(lp, tmp_path / "logs-ref").submit(stage.StageJob(str(ref_root), ref_params))
     job = launch.make_executor(lp, tmp_path / "logs-cut").submit(stage.StageJob(str(root), params))
-    deadline, rows = time.monotonic() + 400, root / "metrics/pretrain_steps.csv"
+    deadline, rows = time.monotonic() + 400, root / "models/resume/pretrain/steps.csv"  # the running job's log
     _preempt(job, rows, 20, deadline)  # inside epoch 2
     _preempt(job, rows, 50, deadline)  # inside epoch 5
     results, ref = job.results(), ref.results()
@@ -302,6 +315,7 @@ def test_submitit_job_preempted_twice_requeues_and_resumes_exactly(tmp_path):
     a, b = _weights(root), _weights(ref_root)
     for name, t in b.items():
         assert torch.equal(a[name], t), name
-    lines = rows.read_text().splitlines()
+    assert not rows.exists()  # the finished run moved to models/pretrain, its logs published
+    lines = (root / "metrics/pretrain_steps.csv").read_text().splitlines()
     assert len(lines) == 1 + epochs * 11  # one row per step, none doubled by the requeues
     assert lines == (ref_root / "metrics/pretrain_steps.csv").read_text().splitlines()

@@ -175,6 +175,10 @@ def slurm():
         subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "stop"], check=False, capture_output=True)
 
 
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
 def _jobs_submitted(out: str) -> list[str]:
     return re.findall(r"launch: \w+: submitted job (\d+) \(slurm", out)
 
@@ -203,11 +207,16 @@ def test_dvc_slurm_repro_runs_pretrain_then_extract_as_jobs(chain, slurm):
 @pytest.mark.slow
 @pytest.mark.process
 @pytest.mark.slurm
-def test_dvc_slurm_killed_while_waiting_then_repro_reattaches_to_the_same_job(chain, slurm):
-    """The waiting `dvc repro` is killed (-9, with the stage's waiting process) while its job runs; the next `dvc
-    repro` finds the job by its record and waits for it instead of submitting a second one."""
-    compose(chain, *SLURM, "pretrain.epochs=3")
+def test_dvc_slurm_killed_while_waiting_then_exp_run_reattaches_to_the_same_job(chain, slurm):
+    """The waiting `dvc repro` is killed (-9, with the stage's waiting process) while its job runs; the next `dvc exp
+    run` of the same params finds the job by its record and waits for it instead of submitting a second one, and
+    the job's step log comes out whole (`dvc exp run` stashes and restores the workspace's git-tracked files, the
+    published metrics among them, while the job writes)."""
+    overrides = (*SLURM, "pretrain.epochs=20")  # steps still to train while `dvc exp run` stashes
+    compose(chain, *overrides)
     record = launch.record_path(chain, "pretrain")
+    checkpoint = chain / "models/resume/pretrain/jepa-latest.pth.tar"  # the run in progress
+    before = _mtime(checkpoint)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
     env["PATH"] = f"{BIN}:{env['PATH']}"
     with open(chain / "killed.log", "w") as log:
@@ -222,11 +231,24 @@ def test_dvc_slurm_killed_while_waiting_then_repro_reattaches_to_the_same_job(ch
     os.killpg(dvc.pid, signal.SIGKILL)  # dvc and the stage's waiting process; the job lives in SLURM
     dvc.wait()
     assert launch.job_state(launch.read_record(record)).active
-    r = sh(chain, "dvc", "repro", "pretrain")
+    while _mtime(checkpoint) == before:  # the job's first epoch is saved: it trains on
+        assert time.monotonic() < deadline, "the job saved no epoch"
+        time.sleep(0.1)
+    # what `dvc exp run` does to git-tracked files before it runs a stage: back to HEAD, then the workspace's
+    # state again; here with a second between, while the job trains (so its logs must not be such files)
+    tracked = ("metrics/pretrain_steps.csv", "metrics/pretrain_monitor.csv")
+    state = {f: (chain / f).read_bytes() if (chain / f).exists() else None for f in tracked}
+    sh(chain, "git", "checkout", "--", *tracked)
+    time.sleep(1)
+    for f, data in state.items():
+        (chain / f).unlink() if data is None else (chain / f).write_bytes(data)
+    r = sh(chain, "dvc", "exp", "run", *(f"-S{o}" for o in overrides), "pretrain")
     assert f"launch: pretrain: re-attaching to job {job} (RUNNING)" in r.stdout, r.stdout[-3000:]
     assert _jobs_submitted(r.stdout) == [] and not record.exists()
     metrics = json.loads((chain / "metrics/pretrain.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["epochs"] == 3
+    assert metrics["world_size"] == 2 and metrics["epochs"] == 20 and metrics["first_epoch_loss"] > 0
+    steps = (chain / "metrics/pretrain_steps.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in steps[1:]] == list(range(metrics["steps"]))
     assert "Data and pipelines are up to date" in sh(chain, "dvc", "status", "pretrain").stdout
 
 
