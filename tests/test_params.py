@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,25 @@ def test_official_overlay_matches_the_official_config(tmp_path):
     assert (p["data"]["crop_size"], p["data"]["patch_size"]) == (224, 14)
     assert p["mask"]["min_keep"] == 10 and p["optim"]["warmup"] == 40 and p["optim"]["ema"] == [0.996, 1.0]
     assert p["pretrain"]["batch_size"] * p["launcher"]["nodes"] * p["launcher"]["tasks_per_node"] == 2048
+    # launched as written, the paper's effective batch at the paper's lr, as SLURM jobs
+    optim, launcher = section(p, "optim"), section(p, "launcher")
+    assert (optim.ref_batch_size, optim.lr, launcher.kind) == (2048, 0.001, "slurm")
+    assert optim.lr_scale(2048) == 1.0 and optim.batch_note(128, 16) is None
+    assert optim.spec(300, 2048).lr == 0.001 and optim.spec(300, 1024).lr == pytest.approx(0.001 / 2**0.5)
+    assert optim.batch_note(128, 8) == (
+        "effective batch 1024 (128 x 8 rank(s)) is not optim.ref_batch_size 2048: lr 0.001 x 0.7071 = 0.0007071 "
+        "(optim.lr_scaling: sqrt)"
+    )
+
+
+def test_the_demo_runs_inline_at_its_reference_batch():
+    p = load_params(ROOT / "params.yaml")
+    launcher, optim, pre = section(p, "launcher"), section(p, "optim"), section(p, "pretrain")
+    assert (launcher.kind, launcher.nodes, launcher.tasks_per_node) == ("inline", 1, 1)
+    assert optim.ref_batch_size == pre.batch_size and optim.spec(pre.epochs, pre.batch_size).lr == optim.lr
+    linear = dataclasses.replace(optim, lr_scaling="linear")
+    assert linear.spec(1, 2 * pre.batch_size).start_lr == 2 * optim.start_lr
+    assert dataclasses.replace(optim, lr_scaling="none").lr_scale(8 * pre.batch_size) == 1.0
 
 
 def test_official_overlay_evaluates_as_on_imagenet(tmp_path):
