@@ -49,8 +49,15 @@ class StepCSV:
             csv.DictWriter(f, fieldnames=self.columns).writerow({k: row[k] for k in self.columns})
 
     def read(self) -> list[dict]:
-        with open(self.path, newline="") as f:
-            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return read_rows(self.path)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a step log as floats (none when the file does not exist)."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def plot_series(rows: Sequence[Mapping], x: str, ys: Sequence[str], path: str | Path, title: str) -> Path:

@@ -34,7 +34,7 @@ from pipeline.distributed import distributed_stage
 from pipeline.models import example_images, register_model
 from pipeline.monitoring import COLUMNS as MONITOR_COLUMNS
 from pipeline.monitoring import MonitorHook, build_health_monitor, health_metrics, plot_health
-from pipeline.outputs import StepCSV, plot_series, write_json
+from pipeline.outputs import StepCSV, plot_series, read_rows, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
 from pipeline.resume import RESUME_DIR, check_history, checkpoint_step, run_key, shards_key
 from pipeline.stage import main
@@ -170,9 +170,10 @@ def _history(root: Path, work: Path, start: int) -> tuple[StepCSV, StepCSV]:
     for name, published in ((STEPS, STEPS_CSV), (MONITOR, MONITOR_CSV)):
         if start and not (work / name).exists() and (root / published).exists():
             shutil.copyfile(root / published, work / name)
+    if start:  # checked before the logs are cut, so that a refused run keeps them as they were
+        kept = [r for r in read_rows(work / STEPS) if r["step"] < start]
+        check_history(kept, start, work / STEPS, work / LATEST)
     steps = StepCSV(work / STEPS, COLUMNS, truncate_from=start)
-    if start:
-        check_history(steps.read(), start, work / STEPS, work / LATEST)
     return steps, StepCSV(work / MONITOR, MONITOR_COLUMNS, truncate_from=start + 1 if start else 0)
 
 

@@ -227,6 +227,11 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
     ):
         stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     assert (root / "models/pretrain/jepa-latest.pth.tar").is_file()  # the finished run is left alone
+    published.write_text(rows)  # restored as the error says: the refused run cut no log, so this one continues
+    assert (
+        stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)["final_loss"]
+        == first["final_loss"]
+    )
 
 
 def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
