@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_queue(repo: Path, workers: int, timeout_s: float) -> str:
+    """`dvc queue start -j workers`, then wait until nothing is queued or running; `dvc queue status` at the end.
+
+    The workers are daemons that inherit `dvc queue start`'s output: a file, not a pipe, so that a worker which
+    outlives its tasks cannot hang the test. Workers share kombu's filesystem broker, whose messages a worker can
+    read half-written (JSONDecodeError; DVC issues #10398, #10428): its idle monitor then dies and the worker stays
+    up after its task, so the workers are stopped once the queue is done."""
+    sh(repo, "dvc", "queue", "start", "-j", str(workers), log=repo / "queue_start.log")
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            status = sh(repo, "dvc", "queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(2)
+    finally:
+        sh(repo, "dvc", "queue", "stop", check=False)
+    return status

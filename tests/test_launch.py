@@ -20,8 +20,9 @@ import yaml
 from pipeline import launch
 from pipeline.launch import JobError, JobRecord, LogTail
 
-from .helpers import BIN, ROOT, TEST_OVERLAY, copy_project, git_init, mini_fashion_mnist, sh
+from .helpers import BIN, ROOT, TEST_OVERLAY, copy_project, git_init, mini_fashion_mnist, run_queue, sh
 
+LOCAL = ("launcher.kind=local", "launcher.tasks_per_node=2")  # two ranks on this machine
 # the tiny node of `make slurm-up`: 2 tasks of 1 CPU, polled every second
 SLURM = [
     "launcher=slurm",
@@ -48,6 +49,11 @@ def compose(repo: Path, *overrides: str) -> dict:
     """params.yaml composed with ``overrides`` (what `dvc exp run -S` does before it runs)."""
     sh(repo, sys.executable, "scripts/compose_params.py", "params.yaml", *overrides)
     return yaml.safe_load((repo / "params.yaml").read_text())
+
+
+def exp_run(repo: Path, *overrides: str, target: str):
+    """`dvc exp run -S override ... target` in the workspace."""
+    return sh(repo, "dvc", "exp", "run", *(f"-S{o}" for o in overrides), target)
 
 
 def locked_params(repo: Path, stage: str) -> dict:
@@ -96,19 +102,7 @@ def test_a_local_job_whose_controller_is_gone_has_ended(tmp_path):
 def test_dvc_local_pretrain_trains_with_world_size_two_and_dvc_lock_records_it(chain):
     """`dvc exp run -S launcher.kind=local -S launcher.tasks_per_node=2 pretrain`: the stage's command submits a
     2-task local job, shows it, returns when it completed; dvc.lock records the world size, not where it ran."""
-    r = sh(
-        chain,
-        "dvc",
-        "exp",
-        "run",
-        "-S",
-        "launcher.kind=local",
-        "-S",
-        "launcher.tasks_per_node=2",
-        "-S",
-        "launcher.poll_s=1",
-        "pretrain",
-    )
+    r = exp_run(chain, *LOCAL, "launcher.poll_s=1", target="pretrain")
     out = r.stdout + r.stderr
     # its first line: the effective batch is not the one the lrs were written for, and the lr rule that applies
     assert "pretrain: effective batch 32 (16 x 2 rank(s)) is not optim.ref_batch_size 64: lr 0.00015 x 0.7071" in out
@@ -124,19 +118,7 @@ def test_dvc_local_pretrain_trains_with_world_size_two_and_dvc_lock_records_it(c
     assert locked["launcher.tasks_per_node"] == 2 and locked["launcher.nodes"] == 1 and "launcher.kind" not in locked
     assert "pretrain" not in sh(chain, "dvc", "status", "pretrain").stdout
     # where and how long it runs are not params: another time limit reruns nothing
-    again = sh(
-        chain,
-        "dvc",
-        "exp",
-        "run",
-        "-S",
-        "launcher.kind=local",
-        "-S",
-        "launcher.tasks_per_node=2",
-        "-S",
-        "launcher.time_min=30",
-        "pretrain",
-    )
+    again = exp_run(chain, *LOCAL, "launcher.time_min=30", target="pretrain")
     assert "submitted job" not in again.stdout and "'pretrain' didn't change" in again.stdout
 
 
@@ -242,7 +224,7 @@ def test_dvc_slurm_killed_while_waiting_then_exp_run_reattaches_to_the_same_job(
     time.sleep(1)
     for f, data in state.items():
         (chain / f).unlink() if data is None else (chain / f).write_bytes(data)
-    r = sh(chain, "dvc", "exp", "run", *(f"-S{o}" for o in overrides), "pretrain")
+    r = exp_run(chain, *overrides, target="pretrain")
     assert f"launch: pretrain: re-attaching to job {job} (RUNNING)" in r.stdout, r.stdout[-3000:]
     assert _jobs_submitted(r.stdout) == [] and not record.exists()
     metrics = json.loads((chain / "metrics/pretrain.json").read_text())
@@ -327,16 +309,7 @@ def test_dvc_slurm_queue_runs_two_experiments_as_jobs_at_once(chain, slurm):
             f"-Soptim.lr={lr}",
             "pretrain",
         )
-    sh(chain, "dvc", "queue", "start", "-j", "2", log=chain / "queue_start.log")
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            status = sh(chain, "dvc", "queue", "status").stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(2)
-    finally:
-        sh(chain, "dvc", "queue", "stop", check=False)
+    status = run_queue(chain, workers=2, timeout_s=300)
     assert status.count("Success") >= 2, status
     jobs = {name: _jobs_submitted(sh(chain, "dvc", "queue", "logs", name).stdout) for name in names}
     assert all(len(j) == 1 for j in jobs.values()) and jobs["lr1"] != jobs["lr2"], jobs

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ijepa import load_encoder
 
-from .helpers import ROOT, TEST_OVERLAY, copy_project, free_port, git_init, mini_fashion_mnist, sh
+from .helpers import ROOT, TEST_OVERLAY, copy_project, free_port, git_init, mini_fashion_mnist, run_queue, sh
 
 # One DVC chain per test run, built by the module's `repo` fixture; `make test` runs a file's tests in one pytest-xdist
 # worker (--dist loadfile), so every test here reads that one chain.
@@ -406,20 +406,7 @@ def test_queued_sweep_keeps_its_mlflow_artifacts(repo):
     """Two queued experiments run side by side (two workers) into the one sqlite store: both complete (each the
     pretrain stage, whose runs the assertions read)."""
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "optim.lr=0.001,0.002", "pretrain")
-    # the workers are daemons that inherit `dvc queue start`'s output: a file, not a pipe, so that a worker which
-    # outlives its tasks cannot hang this test. Two workers share kombu's filesystem broker, whose messages a
-    # worker can read half-written (JSONDecodeError; DVC issues #10398, #10428): its idle monitor then dies and
-    # the worker stays up after its task, so the test stops the workers once both experiments are done
-    sh(repo, "dvc", "queue", "start", "-j", "2", log=repo / "queue_start.log")
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline:
-            status = sh(repo, "dvc", "queue", "status").stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(3)
-    finally:
-        sh(repo, "dvc", "queue", "stop", check=False)
+    status = run_queue(repo, workers=2, timeout_s=400)
     assert status.count("Success") >= 2, status
     _, _, runs = mlflow_runs(repo, "tags.`ijepa.stage` = 'pretrain'")
     lrs = {r.data.params.get("optim.lr") for r in runs}
