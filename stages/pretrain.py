@@ -153,7 +153,8 @@ def _publish(root: Path) -> Path:
     work, out = root / WORK, root / OUT
     if out.exists():
         old = out.with_name(f"{out.name}.replaced")
-        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():  # left by a kill between the renames below
+            shutil.rmtree(old)
         out.rename(old)  # a kill from here on leaves WORK, which the next run publishes
         work.rename(out)
         shutil.rmtree(old)
