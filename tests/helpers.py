@@ -75,6 +75,18 @@ def copy_project(repo: Path) -> Path:
     return repo
 
 
+def debug_project(repo: Path) -> Path:
+    """The project copied into ``repo`` with the debug overlay on a miniature Fashion-MNIST as its default params
+    (params.yaml composed; not yet a git repository: ``git_init`` after any edit)."""
+    copy_project(repo)
+    mini_fashion_mnist(repo / "fixtures" / "fm", n_train=120, n_test=40)
+    (repo / "params/experiment/test.yaml").write_text(TEST_OVERLAY)
+    cfg = repo / "params/config.yaml"
+    cfg.write_text(cfg.read_text().replace("  - experiment: null", "  - experiment: test"))
+    sh(repo, sys.executable, "scripts/compose_params.py")
+    return repo
+
+
 def git_init(repo: Path) -> None:
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")

@@ -20,7 +20,7 @@ import yaml
 from pipeline import launch
 from pipeline.launch import JobError, JobRecord, LogTail
 
-from .helpers import BIN, ROOT, TEST_OVERLAY, copy_project, git_init, mini_fashion_mnist, run_queue, sh
+from .helpers import BIN, ROOT, debug_project, git_init, run_queue, sh
 
 LOCAL = ("launcher.kind=local", "launcher.tasks_per_node=2")  # two ranks on this machine
 # the tiny node of `make slurm-up`: 2 tasks of 1 CPU, polled every second
@@ -34,12 +34,7 @@ SLURM = [
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Path:
     """A git + DVC copy of the project on the debug overlay, its shards prepared (inline)."""
-    repo = copy_project(tmp_path_factory.mktemp("launch"))
-    mini_fashion_mnist(repo / "fixtures" / "fm", n_train=120, n_test=40)
-    (repo / "params/experiment/test.yaml").write_text(TEST_OVERLAY)
-    cfg = repo / "params/config.yaml"
-    cfg.write_text(cfg.read_text().replace("  - experiment: null", "  - experiment: test"))
-    sh(repo, sys.executable, "scripts/compose_params.py")
+    repo = debug_project(tmp_path_factory.mktemp("launch"))
     git_init(repo)
     sh(repo, "dvc", "repro", "prepare")
     return repo
@@ -161,6 +156,15 @@ def _mtime(path: Path) -> int | None:
     return path.stat().st_mtime_ns if path.exists() else None
 
 
+def refused_within_a_minute(chain: Path, *overrides: str) -> str:
+    """Pretraining's command on SLURM with ``overrides``: it ends within a minute with exit code 2; its stderr."""
+    compose(chain, *SLURM, *overrides)
+    t0 = time.monotonic()
+    r = sh(chain, sys.executable, "-m", "stages.pretrain", check=False)
+    assert time.monotonic() - t0 < 60 and r.returncode == 2, r.stdout[-2000:] + r.stderr
+    return r.stderr.strip()
+
+
 def _jobs_submitted(out: str) -> list[str]:
     return re.findall(r"launch: \w+: submitted job (\d+) \(slurm", out)
 
@@ -238,11 +242,7 @@ def test_dvc_slurm_killed_while_waiting_then_exp_run_reattaches_to_the_same_job(
 @pytest.mark.process
 @pytest.mark.slurm
 def test_dvc_slurm_unknown_partition_ends_in_one_line_within_a_minute(chain, slurm):
-    compose(chain, *SLURM, "launcher.partition=nope")
-    t0 = time.monotonic()
-    r = sh(chain, sys.executable, "-m", "stages.pretrain", check=False)
-    assert time.monotonic() - t0 < 60 and r.returncode == 2
-    assert r.stderr.strip() == (
+    assert refused_within_a_minute(chain, "launcher.partition=nope") == (
         "pretrain: error: pretrain: SLURM refused the job: invalid partition specified: nope; Batch job submission "
         "failed: Invalid partition name specified"
     )
@@ -253,11 +253,7 @@ def test_dvc_slurm_unknown_partition_ends_in_one_line_within_a_minute(chain, slu
 @pytest.mark.slurm
 def test_dvc_slurm_job_that_can_never_start_is_cancelled_in_one_line(chain, slurm):
     """More tasks than the node has CPUs: SLURM queues the job forever (Reason=PartitionConfig); the wait ends."""
-    compose(chain, *SLURM, "launcher.tasks_per_node=64")
-    t0 = time.monotonic()
-    r = sh(chain, sys.executable, "-m", "stages.pretrain", check=False)
-    assert time.monotonic() - t0 < 60 and r.returncode == 2
-    line = r.stderr.strip()
+    line = refused_within_a_minute(chain, "launcher.tasks_per_node=64")
     assert re.fullmatch(r"pretrain: error: pretrain: job (\d+) can never start \(SLURM: PartitionConfig: .*", line)
     job = re.search(r"job (\d+)", line)[1]
     assert subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip() == ""

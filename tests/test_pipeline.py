@@ -19,7 +19,7 @@ from PIL import Image
 
 from ijepa import load_encoder
 
-from .helpers import ROOT, TEST_OVERLAY, copy_project, free_port, git_init, mini_fashion_mnist, run_queue, sh
+from .helpers import ROOT, debug_project, free_port, git_init, run_queue, sh
 
 # One DVC chain per test run, built by the module's `repo` fixture; `make test` runs a file's tests in one pytest-xdist
 # worker (--dist loadfile), so every test here reads that one chain.
@@ -29,12 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A copy of the project's tracked files as a fresh git repo whose default params are the debug overlay."""
-    repo = copy_project(tmp_path_factory.mktemp("project"))
-    mini_fashion_mnist(repo / "fixtures" / "fm", n_train=120, n_test=40)
-    (repo / "params/experiment/test.yaml").write_text(TEST_OVERLAY)
-    cfg = repo / "params/config.yaml"
-    cfg.write_text(cfg.read_text().replace("  - experiment: null", "  - experiment: test"))
-    sh(repo, sys.executable, "scripts/compose_params.py")
+    repo = debug_project(tmp_path_factory.mktemp("project"))
     git_init(repo)
     return repo
 

@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from pipeline.resume import EpochState, folder_key, run_key
 from pipeline.stage import run_stage
 from stages import finetune, prepare, seg_prepare, seg_train
 
-from .helpers import BIN, ROOT, TEST_OVERLAY, copy_project, git_init, mini_fashion_mnist, sh
+from .helpers import BIN, ROOT, debug_project, git_init, mini_fashion_mnist, sh
 from .test_stages import official_checkpoint
 
 EPOCHS = 5
@@ -33,12 +32,7 @@ STAGES = {"finetune": "finetune", "seg_train": "seg_train-pretrained"}  # stage:
 def project(root: Path) -> Path:
     """For `dvc repro`: the debug chain on a miniature Fashion-MNIST with an encoder checkpoint at pretrain's output and
     prepare + seg_prepare run: what finetune and seg_train read."""
-    copy_project(root)
-    mini_fashion_mnist(root / "fixtures" / "fm", n_train=120, n_test=40)
-    (root / "params/experiment/test.yaml").write_text(TEST_OVERLAY)
-    cfg = root / "params/config.yaml"
-    cfg.write_text(cfg.read_text().replace("  - experiment: null", "  - experiment: test"))
-    sh(root, sys.executable, "scripts/compose_params.py")
+    debug_project(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tracking"]["enabled"] = False
     params["finetune"] |= {"epochs": EPOCHS, "warmup_epochs": 1, "log_model": False}
