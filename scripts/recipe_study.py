@@ -2,6 +2,7 @@
 time and results against their baselines.
 
     python scripts/recipe_study.py scripts/study_demo.yaml [--seeds 0 1 2] [--only NAME ...] [--table] [-A]
+                                   [--in-place]
 
 The grid file names the experiments' prefix, the stages to run (all of them when absent) and the variants,
 each a list of ``key=value`` params overrides (``dvc exp run -S``)::
@@ -16,7 +17,11 @@ each a list of ``key=value`` params overrides (``dvc exp run -S``)::
 Every variant and seed runs as ``dvc exp run --temp -n <prefix>-<variant>-s<seed> -S seed=<seed> -S ...``
 (the workspace is left alone; an experiment of that name already in ``dvc exp show`` is not run again, so an
 interrupted study resumes and ``--table`` prints the table of what has run; ``-A`` counts the experiments of
-every commit, so a study begun before a commit goes on after it). With ``single_item`` the targets
+every commit, so a study begun before a commit goes on after it). With ``--in-place`` each run is
+``dvc exp run`` without ``--temp``: it runs in the workspace, so a long pretraining that is interrupted (kill,
+reboot, end of an allocation) continues from its checkpoint in ``models/resume/pretrain`` when the study is
+started again, where a ``--temp`` run would start over in a new temporary folder; the workspace then holds the
+last run's outputs (``git checkout -- . && dvc checkout`` returns to the commit's). With ``single_item`` the targets
 run with ``--single-item``: the workspace's upstream outputs are used as they are, even where code they depend on
 has changed since they were made (a study of finetuning recipes on the committed encoder, after a change to the
 finetuning code, need not pretrain again; the table's stage times are then those recorded for those outputs).
@@ -144,6 +149,10 @@ def main() -> None:
         "-A", "--all-commits", action="store_true",
         help="count the experiments of every commit (`dvc exp show -A`) as run, not only HEAD's",
     )  # fmt: skip
+    ap.add_argument(
+        "--in-place", action="store_true",
+        help="run in the workspace (no --temp), so an interrupted pretraining resumes from its checkpoint",
+    )  # fmt: skip
     args = ap.parse_args()
     grid = load_grid(args.grid)
     dvc, prefix = dvc_command("activate the project's .venv"), grid["prefix"]
@@ -161,7 +170,7 @@ def main() -> None:
             if name in done:
                 print(f"{name}: already run", flush=True)
                 continue
-            cmd = ["exp", "run", "--temp", "-n", name, "-S", f"seed={seed}"]
+            cmd = ["exp", "run", *(["--temp"] * (not args.in_place)), "-n", name, "-S", f"seed={seed}"]
             cmd += [a for s in sets for a in ("-S", s)] + ["--single-item"] * grid["single_item"] + grid["stages"]
             print(f"\n{name}: dvc {' '.join(cmd)}", flush=True)
             code, report = timed_run(cmd, dvc=dvc)
