@@ -10,9 +10,14 @@ each a list of ``key=value`` params overrides (``dvc exp run -S``)::
     prefix: study
     stages: [finetune]          # optional: dvc exp run's targets
     single_item: true           # optional: only those stages, on the workspace's upstream outputs
+    common: [finetune.epochs=2, finetune.warmup_epochs=1]   # optional: the recipe every variant starts from
     variants:
       base: []
       ft-ep4: [finetune.epochs=4, finetune.warmup_epochs=0.5]
+
+A variant's overrides are ``common``'s with its own on top (its own win where both name a key). A committed
+grid names in ``common`` every param of the recipe its table describes, so that it runs the same recipe after the
+defaults move (``tests/test_scripts.py`` checks every key against the composed params).
 
 Every variant and seed runs as ``dvc exp run --temp -n <prefix>-<variant>-s<seed> -S seed=<seed> -S ...``
 (the workspace is left alone; an experiment of that name already in ``dvc exp show`` is not run again, so an
@@ -82,9 +87,11 @@ def load_grid(path: Path) -> dict:
         sys.exit(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(grid, dict) or not isinstance(grid.get("variants"), dict) or not grid["variants"]:
         sys.exit(f"{path}: needs a 'variants' mapping of name -> list of key=value overrides")
-    for name, sets in grid["variants"].items():
+    grid.setdefault("common", [])
+    for name, sets in [("common", grid["common"]), *((f"variants.{v}", s) for v, s in grid["variants"].items())]:
         if not isinstance(sets, list) or not all(isinstance(s, str) and "=" in s for s in sets):
-            sys.exit(f"{path}: variants.{name} must be a list of key=value strings, got {sets!r}")
+            sys.exit(f"{path}: {name} must be a list of key=value strings, got {sets!r}")
+    grid["variants"] = {name: overrides(grid["common"], sets) for name, sets in grid["variants"].items()}
     if not isinstance(grid.setdefault("single_item", False), bool):
         sys.exit(f"{path}: single_item must be true or false, got {grid['single_item']!r}")
     if grid["single_item"] and not grid.get("stages"):
@@ -92,6 +99,13 @@ def load_grid(path: Path) -> dict:
     grid.setdefault("prefix", path.stem)
     grid.setdefault("stages", [])
     return grid
+
+
+def overrides(common: list[str], own: list[str]) -> list[str]:
+    """``common``'s key=value overrides with ``own``'s on top, each key once (in common's order, then own's)."""
+    merged = {s.split("=", 1)[0]: s for s in common}
+    merged.update({s.split("=", 1)[0]: s for s in own})
+    return list(merged.values())
 
 
 def experiments(show: list[dict]) -> dict[str, dict]:

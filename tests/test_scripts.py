@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts.recipe_study import load_grid, overrides
 from scripts.seed_table import COLUMNS, PROTOCOLS, table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _row(seed: int, **values) -> dict:
@@ -17,3 +25,30 @@ def test_seed_table_leaves_the_spread_of_a_column_with_fewer_than_two_values_emp
     assert lines[2].startswith("| x | 0 | 80.0 | 75.0 | 5.00 |") and "| 81.0 |" in lines[2]
     assert lines[4].startswith("| **x mean +- sd** | 2 seeds | 81.0 +- 1.4 | 75.5 +- 0.7 | 5.50 +- 0.71 |")
     assert lines[4].endswith("|  |  |") and "81.0 +- " not in lines[4].split("5.50 +- 0.71")[1]
+
+
+GRIDS = sorted(ROOT.glob("scripts/study_*.yaml"))
+
+
+def _params_keys(d: dict, prefix: str = "") -> set[str]:
+    return {prefix + k for k in d} | {
+        key for k, v in d.items() if isinstance(v, dict) for key in _params_keys(v, f"{prefix}{k}.")
+    }
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_every_committed_grid_names_its_recipe_in_params_that_exist(path):
+    """A committed grid's variants each name the params of the recipe its table describes (none is an empty
+    "whatever the defaults are today"), and every key they set is a key of the composed params or a group."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    keys, groups = _params_keys(params), {p.name for p in (ROOT / "params").iterdir() if p.is_dir()}
+    grid = load_grid(path)
+    for variant, sets in grid["variants"].items():
+        assert sets, f"{path.name}: variant {variant} names no params"
+        for s in sets:
+            key = s.split("=", 1)[0]
+            assert key in keys or key in groups, f"{path.name}: {variant} sets {key}, which is not a params key"
+
+
+def test_a_variant_overrides_the_grids_common_recipe_key_by_key():
+    assert overrides(["a.x=1", "a.y=2"], ["a.y=3", "b=4"]) == ["a.x=1", "a.y=3", "b=4"]
