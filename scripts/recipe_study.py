@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -52,28 +51,28 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.seed_table import _dig, dvc_command, exp_show, finished
+from scripts.experiments import dvc_command, exp_show, finished, mean_sd, values
 from scripts.time_repro import TIMES, record_times, stage_keys
 from scripts.time_repro import run as timed_run
 
-COLUMNS = [  # (header, metrics file, key path, scale); "val" columns choose, the others report
-    ("linear val", "metrics/linprobe.json", ("val_top1",), 100),
-    ("linear", "metrics/linprobe.json", ("top1",), 100),
-    ("linear rand", "metrics/linprobe.json", ("random_init_top1",), 100),
-    ("linear pixels", "metrics/linprobe.json", ("pixels_top1",), 100),
-    ("attentive val", "metrics/attnprobe.json", ("val_top1",), 100),
-    ("attentive", "metrics/attnprobe.json", ("top1",), 100),
-    ("attentive rand", "metrics/attnprobe.json", ("random_init_top1",), 100),
-    ("1%", "metrics/lowshot.json", ("1pct", "pretrained", "mean"), 100),
-    ("1% pixels", "metrics/lowshot.json", ("1pct", "pixels", "mean"), 100),
-    ("k-NN val", "metrics/knn.json", ("val_top1", "k10"), 100),
-    ("k-NN", "metrics/knn.json", ("top1", "k10"), 100),
-    ("k-NN rand", "metrics/knn.json", ("random_init_top1", "k10"), 100),
-    ("finetune val", "metrics/finetune.json", ("val_top1",), 100),
-    ("finetune", "metrics/finetune.json", ("top1",), 100),
-    ("finetune rand", "metrics/finetune.json", ("random_init_top1",), 100),
-    ("seg mIoU (val)", "metrics/seg_eval.json", ("miou",), 100),
-    ("seg rand", "metrics/seg_eval.json", ("random_init_miou",), 100),
+COLUMNS = [  # (header, metric of scripts/experiments.py); "val" columns choose, the others report
+    ("linear val", "linear val"),
+    ("linear", "linear"),
+    ("linear rand", "linear rand"),
+    ("linear pixels", "linear pixels"),
+    ("attentive val", "attentive val"),
+    ("attentive", "attentive"),
+    ("attentive rand", "attentive rand"),
+    ("1%", "1%"),
+    ("1% pixels", "1% pixels"),
+    ("k-NN val", "k-NN val"),
+    ("k-NN", "k-NN"),
+    ("k-NN rand", "k-NN rand"),
+    ("finetune val", "finetune val"),
+    ("finetune", "finetune"),
+    ("finetune rand", "finetune rand"),
+    ("seg mIoU (val)", "seg mIoU"),
+    ("seg rand", "seg rand"),
 ]
 
 
@@ -119,11 +118,7 @@ def lock_of(rev: str) -> str:
 
 
 def row(name: str, exp: dict, times: dict) -> dict:
-    data = exp["data"]
-    r = {"name": name}
-    for header, path, keys, scale in COLUMNS:
-        v = _dig(data, ("metrics", path, "data", *keys))
-        r[header] = None if v is None else v * scale
+    r = {"name": name} | values(exp["data"], COLUMNS)
     stage_times = {s: times.get(f"{s}:{k}") for s, k in stage_keys(lock_of(exp["rev"])).items()}
     r["stage_times"] = stage_times
     r["seconds"] = None if None in stage_times.values() else sum(stage_times.values())
@@ -137,18 +132,11 @@ SECONDS = ("seconds", "pretrain s", "finetune s")
 
 def table(rows_by_variant: dict[str, list[dict]]) -> str:
     """One row per variant: its value, or mean +- sd over its seeds."""
-    headers = ["variant", "seeds", *SECONDS, *[h for h, *_ in COLUMNS]]
+    headers = ["variant", "seeds", *SECONDS, *[h for h, _ in COLUMNS]]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for variant, rows in rows_by_variant.items():
-        cells = [variant, str(len(rows))]
-        for h in headers[2:]:
-            vals, digits = [r[h] for r in rows if r[h] is not None], 0 if h in SECONDS else 1
-            if not vals:
-                cells.append("")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.{digits}f}")
-            else:
-                cells.append(f"{statistics.mean(vals):.{digits}f} +- {statistics.stdev(vals):.{digits}f}")
+        cells = [mean_sd([r[h] for r in rows], 0 if h in SECONDS else 1) for h in headers[2:]]
+        cells = [variant, str(len(rows)), *cells]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

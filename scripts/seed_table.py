@@ -19,92 +19,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-COLUMNS = [  # (header, metrics file, key path, scale)
-    ("probe", "metrics/linprobe.json", ("top1",), 100),
-    ("probe rand", "metrics/linprobe.json", ("random_init_top1",), 100),
-    ("probe pixels", "metrics/linprobe.json", ("pixels_top1",), 100),
-    ("k-NN k10", "metrics/knn.json", ("top1", "k10"), 100),
-    ("k-NN rand", "metrics/knn.json", ("random_init_top1", "k10"), 100),
-    ("seg mIoU", "metrics/seg_eval.json", ("miou",), 100),
-    ("seg rand", "metrics/seg_eval.json", ("random_init_miou",), 100),
-    ("finetune", "metrics/finetune.json", ("top1",), 100),
-    ("finetune rand", "metrics/finetune.json", ("random_init_top1",), 100),
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.experiments import dvc_command, exp_show, finished, mean_sd, params_of, values
+
+COLUMNS = [  # the gate's table: (header, metric of scripts/experiments.py)
+    ("probe", "linear"),
+    ("probe rand", "linear rand"),
+    ("probe pixels", "linear pixels"),
+    ("k-NN k10", "k-NN"),
+    ("k-NN rand", "k-NN rand"),
+    ("seg mIoU", "seg mIoU"),
+    ("seg rand", "seg rand"),
+    ("finetune", "finetune"),
+    ("finetune rand", "finetune rand"),
 ]
 PROTOCOLS = [  # the second table (--view protocols): the frozen-feature protocols side by side, and health
-    ("linear", "metrics/linprobe.json", ("top1",), 100),
-    ("linear rand", "metrics/linprobe.json", ("random_init_top1",), 100),
-    ("attentive", "metrics/attnprobe.json", ("top1",), 100),
-    ("attentive rand", "metrics/attnprobe.json", ("random_init_top1",), 100),
-    ("attentive pixels", "metrics/attnprobe.json", ("pixels_top1",), 100),
-    ("1-shot", "metrics/lowshot.json", ("1shot", "pretrained", "mean"), 100),
-    ("1-shot rand", "metrics/lowshot.json", ("1shot", "random_init", "mean"), 100),
-    ("1-shot pixels", "metrics/lowshot.json", ("1shot", "pixels", "mean"), 100),
-    ("1%", "metrics/lowshot.json", ("1pct", "pretrained", "mean"), 100),
-    ("1% rand", "metrics/lowshot.json", ("1pct", "random_init", "mean"), 100),
-    ("1% pixels", "metrics/lowshot.json", ("1pct", "pixels", "mean"), 100),
-    ("RankMe", "metrics/pretrain.json", ("final_rankme",), 1),
-    ("online k-NN", "metrics/pretrain.json", ("final_knn_top1",), 100),
-]
-
-
-def _dig(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
+    (m, m)
+    for m in (
+        "linear", "linear rand", "attentive", "attentive rand", "attentive pixels", "1-shot", "1-shot rand",
+        "1-shot pixels", "1%", "1% rand", "1% pixels", "RankMe", "online k-NN",
+    )
+]  # fmt: skip
 
 
 def _row(name: str, data: dict) -> dict:
-    params = _dig(data, ("params", "params.yaml", "data")) or {}
-    row = {"name": name, "seed": params.get("seed"), "objective": _dig(params, ("objective", "name"))}
-    for header, path, keys, scale in COLUMNS + PROTOCOLS:
-        value = _dig(data, ("metrics", path, "data", *keys))
-        row[header] = None if value is None else value * scale
-    return row
-
-
-def dvc_command(hint: str) -> str:
-    """The project's dvc (beside this interpreter, in .venv), else the one on PATH; exits with ``hint`` if none."""
-    beside = Path(sys.executable).parent / "dvc"  # the project's .venv, when it is not on PATH
-    found = str(beside) if beside.exists() else shutil.which("dvc")
-    if found is None:
-        sys.exit(f"dvc not found: {hint}")
-    return found
-
-
-def exp_show(dvc: str, all_commits: bool = False) -> list[dict]:
-    """`dvc exp show --json`, parsed: the current commit's experiments, or with ``all_commits`` every commit's
-    (`-A`: experiments survive the commits made after them, but `dvc exp show` alone lists only HEAD's)."""
-    cmd = [dvc, "exp", "show", "--json"] + ["-A"] * all_commits
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-
-
-def finished(show: list[dict]):
-    """(name, rev entry) of every experiment in `dvc exp show --json` that has results of its own; queued,
-    running and failed ones are named on stderr and skipped. A name found again (on an older commit, with
-    ``-A``: `dvc exp show` lists the newest commit first) is named on stderr and skipped too."""
-    seen = set()
-    for commit in show:
-        for exp in commit.get("experiments") or []:
-            state = (exp.get("executor") or {}).get("state")
-            if state in ("queued", "running", "failed"):  # no results of its own yet (or none at all)
-                print(f"skipped {exp.get('name')}: {state}", file=sys.stderr)
-                continue
-            for rev in exp.get("revs") or []:
-                name = rev.get("name") or exp.get("name") or ""
-                if name in seen:
-                    older = str(commit.get("rev"))[:7]
-                    print(f"skipped {name} of {older}: a newer experiment has the name", file=sys.stderr)
-                elif name and rev.get("data") and not rev.get("error"):
-                    seen.add(name)
-                    yield name, rev
+    params = params_of(data)
+    row = {"name": name, "seed": params.get("seed"), "objective": (params.get("objective") or {}).get("name")}
+    return row | values(data, COLUMNS + PROTOCOLS)
 
 
 def experiments(show: list[dict], prefix: str | tuple[str, ...], workspace: bool = False) -> list[dict]:
@@ -157,12 +101,10 @@ def table(rows: list[dict], view: str = "gate") -> str:
         if len(group) > 1:
             cells = [f"**{objective} mean +- sd**", f"{len(group)} seeds"]
             for h in columns:
-                vals = [_gap(r) if h == "gap" else r[h] for r in group]
-                vals = [v for v in vals if v is not None]
-                d = 2 if h == "gap" else 1  # the gap is read against the gate's 5 points
-                # a column with fewer than two values (a stage some seeds did not run) has no spread
-                spread = f"{statistics.mean(vals):.{d}f} +- {statistics.stdev(vals):.{d}f}" if len(vals) > 1 else ""
-                cells.append(spread)
+                vals = [v for v in (_gap(r) if h == "gap" else r[h] for r in group) if v is not None]
+                # the gap is read against the gate's 5 points; a column with fewer than two values (a stage some
+                # seeds did not run) has no spread
+                cells.append(mean_sd(vals, 2 if h == "gap" else 1) if len(vals) > 1 else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

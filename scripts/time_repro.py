@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.seed_table import dvc_command
+from scripts.experiments import dvc_command
 
 TIMES = Path("outputs/stage_times.json")
 START = re.compile(rb"Running stage '([^']+)'")
