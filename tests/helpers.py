@@ -13,7 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from ijepa import create_encoder, create_predictor
+from ijepa.distributed import DistEnv, init_distributed
+from ijepa.engine import build_optimizer
+from ijepa.jepa import JEPA
+from ijepa.seg.data import SegClasses
+from pipeline import stage
+from stages import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -132,3 +144,110 @@ def run_queue(repo: Path, workers: int, timeout_s: float) -> str:
     finally:
         sh(repo, "dvc", "queue", "stop", check=False)
     return status
+
+
+# -- image folders, segmentation scenes, checkpoints and projects that several modules build ----------
+
+
+FOLDER_CLASSES = ["cat", "dog", "eel"]  # make_folder's classes
+
+
+def pattern(label: int, i: int, size=(24, 20)) -> np.ndarray:
+    rng = np.random.default_rng(100 * label + i)
+    img = rng.integers(0, 60, (*size, 3), dtype=np.uint8)
+    img[..., label] += 150  # class-coloured
+    return img
+
+
+def write_jpeg(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="JPEG", quality=90)
+
+
+def make_folder(root: Path, per_class=6) -> Path:
+    for c, name in enumerate(FOLDER_CLASSES):
+        for i in range(per_class):
+            write_jpeg(root / name / f"img_{i}.jpg", pattern(c, i, size=(20 + i, 24)))
+    return root
+
+
+SEG_CLASSES = SegClasses(  # seg_scenes' classes
+    ("background", "cat", "dog"),
+    ((0, 0, 0), (128, 0, 0), (0, 128, 0)),
+    ((0, 0, 0), (255, 0, 0), (0, 255, 0)),
+    ((224, 224, 192),),
+)
+
+
+def write_seg_pair(folder, stem, img, mask):
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / "images" / f"{stem}.png"), img)
+    cv2.imwrite(str(folder / "masks" / f"{stem}.png"), mask)
+
+
+def seg_scenes(folder, n, seed, size=(24, 40)):
+    """Bright rectangles (cat) and dark rectangles (dog) on noise, as colour masks."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = rng.integers(60, 120, (*size, 3), dtype=np.uint8)
+        ids = np.zeros(size, np.uint8)
+        for cls, value in ((1, 250), (2, 5)):
+            y, x = rng.integers(0, size[0] - 8), rng.integers(0, size[1] - 8)
+            img[y : y + 8, x : x + 8] = value
+            ids[y : y + 8, x : x + 8] = cls
+        rgb = np.asarray(SEG_CLASSES.label_colors, np.uint8)[ids]
+        write_seg_pair(folder, f"s{i:03d}", img, rgb[..., ::-1])
+
+
+def official_checkpoint(path: Path) -> Path:
+    """What upstream's train.py writes, for an encoder of the demo geometry (28 px, patch 4)."""
+    torch.manual_seed(0)
+    enc = create_encoder("vit_tiny", patch_size=4, img_size=28, depth=2)
+    pred = create_predictor("vit_tiny", patch_size=4, img_size=28, depth=1, predictor_embed_dim=48)
+    jepa = JEPA(enc, pred)
+    state = {
+        k: {f"module.{n}": t for n, t in getattr(jepa, k).state_dict().items()}
+        for k in ("encoder", "predictor", "target_encoder")
+    }
+    state |= {
+        "opt": build_optimizer(jepa).state_dict(),
+        "scaler": None,
+        "epoch": 1,
+        "loss": 0.3,
+        "batch_size": 8,
+        "world_size": 1,
+        "lr": 1e-3,
+    }
+    torch.save(state, path)
+    return path
+
+
+def join_gloo(rank: int, world: int, port: int) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+    init_distributed(DistEnv(rank, world, rank), torch.device("cpu"))
+
+
+def shard_project(root: Path, epochs: int, in_memory: bool = True) -> tuple[Path, dict]:
+    """A project folder with real shards of 180 training images and tiny-model params (``in_memory``: the
+    demo's decoded split; False: the streaming loader with one worker)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    src = root.parent / f"{root.name}-fm"
+    if not src.exists():
+        mini_fashion_mnist(src, 200, 20)
+    # 180 training images (the step counts asserted below), whatever the demo's split
+    params["prepare"] |= {
+        "source": params["prepare"]["source"] | {"dir": str(src)},
+        "shard_size": 32,
+        "val_fraction": 0.1,
+    }
+    params["model"] |= {"depth": 1, "pred_depth": 1, "pred_emb_dim": 48}
+    params["pretrain"] |= {"epochs": epochs, "batch_size": 8}
+    params["data"] |= {"num_workers": 1, "in_memory": in_memory}
+    params["tracking"]["enabled"] = False
+    root.mkdir(parents=True)
+    shutil.copytree(ROOT / "params", root / "params")  # the launcher groups `launcher=slurm` loads
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stage.run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
+    return root, params

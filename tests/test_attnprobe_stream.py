@@ -18,9 +18,7 @@ from ijepa.eval.attentive_stream import batch_tokens, train_attentive_probes_str
 from ijepa.eval.features import extract_features
 from ijepa.models.vit import VisionTransformer
 
-from .helpers import free_port
-from .test_data import make_folder
-from .test_distributed_downstream import _join
+from .helpers import free_port, join_gloo, make_folder
 
 CROP, PATCH = 16, 4
 CPU = torch.device("cpu")
@@ -109,7 +107,7 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def _ranks(rank: int, world: int, port: int, out: str) -> None:
-    _join(rank, world, port)
+    join_gloo(rank, world, port)
     res = _fixed_batches(rank, world, Path(out))
     Path(out, f"result-{rank}.json").write_text(json.dumps(res))
     shutdown()

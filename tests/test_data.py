@@ -41,28 +41,7 @@ from ijepa.data.shards import SplitTooSmall
 from ijepa.errors import UserError
 from ijepa.masks import MultiBlockMaskCollator
 
-from .helpers import mini_fashion_mnist, write_idx
-
-CLASSES = ["cat", "dog", "eel"]
-
-
-def pattern(label: int, i: int, size=(24, 20)) -> np.ndarray:
-    rng = np.random.default_rng(100 * label + i)
-    img = rng.integers(0, 60, (*size, 3), dtype=np.uint8)
-    img[..., label] += 150  # class-coloured
-    return img
-
-
-def write_jpeg(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format="JPEG", quality=90)
-
-
-def make_folder(root: Path, per_class=6) -> Path:
-    for c, name in enumerate(CLASSES):
-        for i in range(per_class):
-            write_jpeg(root / name / f"img_{i}.jpg", pattern(c, i, size=(20 + i, 24)))
-    return root
+from .helpers import FOLDER_CLASSES, make_folder, mini_fashion_mnist, pattern, write_idx
 
 
 def all_samples(out: Path, split: str, transform=None) -> list[tuple[torch.Tensor, int, str]]:
@@ -109,7 +88,7 @@ def test_image_folder_round_trip(tmp_path):
     m = prepare_image_folder(
         src, out, test_dir=tmp_path / "val", val_fraction=1 / 3, shard_size=4, workers=2, progress=False
     )
-    assert m["classes"] == CLASSES
+    assert m["classes"] == FOLDER_CLASSES
     assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 12, "val": 6, "test": 6}
     assert m["splits"]["val"]["per_class"] == {"cat": 2, "dog": 2, "eel": 2}
     assert all(Path(out / s["file"]).is_file() for s in m["splits"]["train"]["shards"])
@@ -122,7 +101,7 @@ def test_image_folder_round_trip(tmp_path):
             rel = meta["source"]
             assert rel not in seen
             seen.add(rel)
-            assert int(sample["cls"]) == CLASSES.index(rel.split("/")[0]) == meta["label"]
+            assert int(sample["cls"]) == FOLDER_CLASSES.index(rel.split("/")[0]) == meta["label"]
             original = (src / rel).read_bytes()
             assert sample["jpg"] == original  # valid JPEGs are stored unchanged
             assert torch.equal(decode_image(sample["jpg"]), decode_image(original))
@@ -204,7 +183,7 @@ def test_split_without_usable_images_is_an_error_and_keeps_old_output(tmp_path):
     prepare_image_folder(good, out, val_fraction=0.0, workers=1, progress=False)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     broken = tmp_path / "broken"
-    for name in CLASSES:
+    for name in FOLDER_CLASSES:
         (broken / name).mkdir(parents=True)
         (broken / name / "x.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="split 'train' has no usable image"):

@@ -28,7 +28,7 @@ from stages import prepare
 from stages import pretrain as pretrain_stage
 
 from .conftest import TINY, step_batches, tiny_collator
-from .helpers import free_port, mini_fashion_mnist, write_idx
+from .helpers import free_port, shard_project, write_idx
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_BATCH, IPE = 8, 3
@@ -163,30 +163,6 @@ def test_env_and_launcher_errors(monkeypatch, tmp_path):
 # -- the pretrain stage as a submitit job -------------------------------------------------------------
 
 
-def _project(root: Path, epochs: int, in_memory: bool = True) -> tuple[Path, dict]:
-    """A project folder with real shards of 180 training images and tiny-model params (``in_memory``: the
-    demo's decoded split; False: the streaming loader with one worker)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    src = root.parent / f"{root.name}-fm"
-    if not src.exists():
-        mini_fashion_mnist(src, 200, 20)
-    # 180 training images (the step counts asserted below), whatever the demo's split
-    params["prepare"] |= {
-        "source": params["prepare"]["source"] | {"dir": str(src)},
-        "shard_size": 32,
-        "val_fraction": 0.1,
-    }
-    params["model"] |= {"depth": 1, "pred_depth": 1, "pred_emb_dim": 48}
-    params["pretrain"] |= {"epochs": epochs, "batch_size": 8}
-    params["data"] |= {"num_workers": 1, "in_memory": in_memory}
-    params["tracking"]["enabled"] = False
-    root.mkdir(parents=True)
-    shutil.copytree(ROOT / "params", root / "params")  # the launcher groups `launcher=slurm` loads
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stage.run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)
-    return root, params
-
-
 def _weights(root: Path) -> dict:
     return read_checkpoint(root / "models/pretrain/jepa-latest.pth.tar")["target_encoder"]
 
@@ -194,7 +170,7 @@ def _weights(root: Path) -> dict:
 def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(tmp_path):
     """`dvc repro` after a code change re-enters a finished run: no step trained, the loss metrics and the run's
     own pace unchanged (its time is kept beside the checkpoint; the re-entry used to write a null speed)."""
-    root, params = _project(tmp_path / "p", 1)
+    root, params = shard_project(tmp_path / "p", 1)
     first = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     timing = json.loads((root / "models/pretrain" / pretrain_stage.TIMING).read_text())
     again = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
@@ -237,7 +213,7 @@ def test_rerun_of_a_finished_pretrain_keeps_its_history_and_refuses_a_lost_one(t
 def test_new_training_data_starts_afresh_instead_of_resuming(tmp_path):
     """Same params, other training images of the same count (so the same steps per epoch): the finished
     checkpoint is set aside and pretraining starts at step 0 (it used to count as finished and train nothing)."""
-    root, params = _project(tmp_path / "p", 1)
+    root, params = shard_project(tmp_path / "p", 1)
     first = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     before = _weights(root)
     other = tmp_path / "other-fm"
@@ -260,8 +236,8 @@ def test_a_preempted_pretrain_stage_resumes_mid_epoch_to_the_uninterrupted_resul
     decoded split and for the streaming loader. The submitit test below runs the streaming one under real requeues."""
     from pipeline import preemption
 
-    root, params = _project(tmp_path / "cut", 2, in_memory)
-    ref_root, ref_params = _project(tmp_path / "ref", 2, in_memory)
+    root, params = shard_project(tmp_path / "cut", 2, in_memory)
+    ref_root, ref_params = shard_project(tmp_path / "ref", 2, in_memory)
     ref = stage.run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=ref_root, params=ref_params)
     asked = iter(range(10**6))
     monkeypatch.setattr(preemption, "requested", lambda: next(asked) == 30)  # 22 steps per epoch
@@ -304,8 +280,8 @@ def test_submitit_job_preempted_twice_requeues_and_resumes_exactly(tmp_path):
     time it stops at a step boundary, saves, requeues and resumes, and it ends bit-identical to an uninterrupted
     job, with one step row per step (the decoded split resumes exactly too: above)."""
     epochs, in_memory = 8, False  # 88 steps of 2 x 8 images
-    root, params = _project(tmp_path / "cut", epochs, in_memory)
-    ref_root, ref_params = _project(tmp_path / "ref", epochs, in_memory)
+    root, params = shard_project(tmp_path / "cut", epochs, in_memory)
+    ref_root, ref_params = shard_project(tmp_path / "ref", epochs, in_memory)
     lp = dataclasses.replace(section(params, "launcher"), kind="local", tasks_per_node=2, max_requeues=5, time_min=30)
     ref = launch.make_executor(lp, tmp_path / "logs-ref").submit(stage.StageJob(str(ref_root), ref_params))
     job = launch.make_executor(lp, tmp_path / "logs-cut").submit(stage.StageJob(str(root), params))

@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ijepa.data.loaders import Normalize
-from ijepa.distributed import DistEnv, ddp, init_distributed, shutdown
+from ijepa.distributed import ddp, shutdown
 from ijepa.finetune import Classifier, FinetuneSpec, Preprocess, fit_head, load_classifier, train_classifier
 from ijepa.models.vit import VisionTransformer
 from ijepa.seg.data import SegDataset, seg_loader
@@ -31,19 +31,11 @@ from pipeline.stage import StageJob, run_stage
 from stages import extract
 from stages import pretrain as pretrain_stage
 
-from .helpers import free_port
-from .test_distributed import _project
-from .test_seg import CLASSES, _scenes
+from .helpers import SEG_CLASSES, free_port, join_gloo, seg_scenes, shard_project
 
 pytestmark = pytest.mark.process
 
 FULL, STEPS = 8, 3
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    os.environ |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
-    init_distributed(DistEnv(rank, world, rank), torch.device("cpu"))
 
 
 # -- finetune: DDP + gradient accumulation = one process over the combined batch ---------------------------
@@ -84,7 +76,7 @@ def _finetune(rank: int, world: int, out: Path) -> dict:
 
 
 def _finetune_worker(rank: int, world: int, port: int, out: str) -> None:
-    _join(rank, world, port)
+    join_gloo(rank, world, port)
     res = _finetune(rank, world, Path(out))
     Path(out, f"result-{rank}.json").write_text(json.dumps(res))
     shutdown()
@@ -115,8 +107,8 @@ def test_finetune_two_gloo_ranks_equal_one_process_over_the_combined_batch(tmp_p
 
 
 def test_seg_loader_shares_are_one_process_batch_split(tmp_path):
-    _scenes(tmp_path / "train", 20, 0)
-    ds = SegDataset(tmp_path / "train", CLASSES, "color", (24, 40), train=False)
+    seg_scenes(tmp_path / "train", 20, 0)
+    ds = SegDataset(tmp_path / "train", SEG_CLASSES, "color", (24, 40), train=False)
     keys = {}
     for world, batch in ((1, 8), (2, 4)):
         for rank in range(world):
@@ -130,11 +122,11 @@ def test_seg_loader_shares_are_one_process_batch_split(tmp_path):
 
 
 def _seg_worker(rank: int, world: int, port: int, folder: str) -> None:
-    _join(rank, world, port)
+    join_gloo(rank, world, port)
     torch.manual_seed(rank)  # different initial weights: DDP must start every rank from rank 0's
     enc = VisionTransformer(img_size=[8], patch_size=4, embed_dim=32, depth=2, num_heads=2)
     model = SegmentationModel(enc, 3, head="decoder", freeze_encoder=False)
-    ds = SegDataset(Path(folder) / "train", CLASSES, "color", (24, 40), train=True, scale=(0.75, 1.25))
+    ds = SegDataset(Path(folder) / "train", SEG_CLASSES, "color", (24, 40), train=True, scale=(0.75, 1.25))
     spec = SegTrainSpec(epochs=2, batch_size=4, lr=3e-3, warmup_epochs=0.5, num_workers=0, bf16=False)
     history = train_segmentation(model, ds, spec, torch.device("cpu"), seed=0, rank=rank, world_size=world)
     torch.save({"state": model.state_dict(), "history": history}, Path(folder) / f"seg-{rank}.pt")
@@ -142,7 +134,7 @@ def _seg_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_seg_training_two_gloo_ranks_stay_in_step(tmp_path):
-    _scenes(tmp_path / "train", 16, 0)
+    seg_scenes(tmp_path / "train", 16, 0)
     mp.spawn(_seg_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"seg-{r}.pt", weights_only=True) for r in (0, 1))
     assert a["history"] == b["history"] and len(a["history"]) == 2  # the loss logged is the ranks' mean
@@ -162,7 +154,7 @@ def _stage_worker(rank: int, world: int, port: int, root: str, stage: str) -> No
 
 
 def test_extract_and_finetune_stages_under_two_ranks(tmp_path):
-    root, params = _project(tmp_path / "p", epochs=1)
+    root, params = shard_project(tmp_path / "p", epochs=1)
     run_stage("pretrain", pretrain_stage.run, pretrain_stage.SECTIONS, root=root, params=params)
     params["extract"] |= {"bf16": False, "num_workers": 0, "batch_size": 16}
     params["finetune"] |= {"epochs": 1, "batch_size": 8, "num_workers": 0, "bf16": False}

@@ -28,8 +28,7 @@ from ijepa.seg.data import SegClasses, SegDataError, read_image_bgr
 from ijepa.seg.model import SegmentationModel, SegPreprocess, save_segmenter
 from ijepa.seg.synth import class_config
 
-from .test_data import CLASSES, make_folder
-from .test_stages import official_checkpoint
+from .helpers import FOLDER_CLASSES, make_folder, official_checkpoint
 
 pytestmark = pytest.mark.process
 
@@ -245,7 +244,7 @@ def test_prepare_mistakes_are_one_line(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(flat / "a.png")
     src = {"kind": "image_folder", "dir": None, "train_dir": str(flat), "test_dir": None}
     broken = tmp_path / "broken"
-    for name in CLASSES:
+    for name in FOLDER_CLASSES:
         (broken / name).mkdir(parents=True)
         for i in range(2):
             (broken / name / f"x{i}.jpg").write_bytes(b"")

@@ -9,7 +9,7 @@ from ijepa.data import eval_loader, eval_transform, prepare_image_folder, pretra
 from ijepa.data.memory import decode_split, memory_batches, memory_eval_batches
 from ijepa.masks import MultiBlockMaskCollator
 
-from .test_data import make_folder
+from .helpers import make_folder
 
 MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), npred=4, min_keep=4)
 

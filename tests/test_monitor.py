@@ -23,7 +23,7 @@ from stages import prepare
 from stages import pretrain as pretrain_stage
 
 from .conftest import step_batches, tiny_collator
-from .test_distributed import _project
+from .helpers import shard_project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def test_monitoring_leaves_training_bit_identical_and_runs_on_schedule(tmp_path,
 
 @pytest.fixture(scope="module")
 def stage_project(tmp_path_factory):
-    return _project(tmp_path_factory.mktemp("monitor") / "p", 1)
+    return shard_project(tmp_path_factory.mktemp("monitor") / "p", 1)
 
 
 def test_pretrain_stage_logs_health_rows_metrics_and_plots(stage_project):
@@ -177,7 +177,7 @@ def test_the_monitor_hook_writes_rows_warns_after_the_grace_and_plots(tmp_path, 
 def test_pretraining_reads_the_unlabeled_split_that_prepare_adds(tmp_path):
     """prepare.unlabeled_per_class writes the images past max_per_class as `unlabeled`; pretrain.splits adds them
     to its epochs (one epoch = every image of both splits), and names a split the shards lack."""
-    root, params = _project(tmp_path / "p", 1)
+    root, params = shard_project(tmp_path / "p", 1)
     params["prepare"] |= {"max_per_class": 12, "unlabeled_per_class": None}
     params["pretrain"] |= {"splits": ["train", "nope"], "monitor": params["pretrain"]["monitor"] | {"enabled": False}}
     shards = run_stage("prepare", prepare.run, prepare.SECTIONS, root=root, params=params)

@@ -27,11 +27,24 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def project(tmp_path_factory) -> Path:
     """A copy of the project's tracked files as a fresh git repo whose default params are the debug overlay."""
     repo = debug_project(tmp_path_factory.mktemp("project"))
     git_init(repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def chain(project) -> subprocess.CompletedProcess:
+    """`make repro`'s command run once in ``project``: what every test of this module starts from, so that each
+    of them also runs alone (`pytest tests/test_pipeline.py::<test>`)."""
+    return sh(project, sys.executable, "scripts/time_repro.py", "--json", "chain_time.json")
+
+
+@pytest.fixture(scope="module")
+def repo(project, chain) -> Path:
+    """The project after the whole chain ran in it."""
+    return project
 
 
 def mlflow_runs(repo: Path, filter_string: str = ""):
@@ -42,8 +55,8 @@ def mlflow_runs(repo: Path, filter_string: str = ""):
     return client, exp, client.search_runs([exp.experiment_id], filter_string=filter_string)
 
 
-def test_dvc_repro_runs_the_chain_then_does_nothing(repo):
-    r = sh(repo, sys.executable, "scripts/time_repro.py", "--json", "chain_time.json")  # what `make repro` runs
+def test_dvc_repro_runs_the_chain_then_does_nothing(repo, chain):
+    r = chain  # what `make repro` runs
     assert "Running stage 'prepare'" in r.stdout and "Running stage 'pretrain'" in r.stdout
     # MLflow loads each logged model back to check its input example: it once failed for the segmenter
     assert "Failed to validate serving input" not in r.stdout + r.stderr and "Got error" not in r.stdout + r.stderr

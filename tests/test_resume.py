@@ -22,8 +22,7 @@ from pipeline.resume import EpochState, folder_key, run_key
 from pipeline.stage import run_stage
 from stages import finetune, prepare, seg_prepare, seg_train
 
-from .helpers import BIN, ROOT, debug_project, git_init, mini_fashion_mnist, sh
-from .test_stages import official_checkpoint
+from .helpers import BIN, ROOT, debug_project, git_init, mini_fashion_mnist, official_checkpoint, sh
 
 EPOCHS = 5
 STAGES = {"finetune": "finetune", "seg_train": "seg_train-pretrained"}  # stage: the resume file the kill waits for

@@ -15,7 +15,6 @@ from ijepa import create_encoder
 from ijepa.cli import main as cli
 from ijepa.seg.data import (
     IGNORE,
-    SegClasses,
     SegDataError,
     SegDataset,
     decode_color_mask,
@@ -29,13 +28,7 @@ from ijepa.seg.metrics import ConfusionMatrix, miou_from_counts
 from ijepa.seg.model import SegmentationModel, SegPreprocess, save_segmenter
 from ijepa.seg.train import SegTrainSpec, train_segmentation
 
-CLASSES = SegClasses(
-    ("background", "cat", "dog"),
-    ((0, 0, 0), (128, 0, 0), (0, 128, 0)),
-    ((0, 0, 0), (255, 0, 0), (0, 255, 0)),
-    ((224, 224, 192),),
-)
-
+from .helpers import SEG_CLASSES, seg_scenes, write_seg_pair
 
 # -- metrics --------------------------------------------------------------------------------------------------
 
@@ -76,40 +69,33 @@ def test_colour_decoding_counts_unknown_colours_instead_of_calling_them_backgrou
     rgb[1, 0] = (224, 224, 192)  # declared ignore colour
     rgb[1, 1] = (1, 2, 3)  # not in the config
     rgb[1, 2] = (1, 2, 3)
-    ids, unknown = decode_color_mask(rgb, CLASSES)
+    ids, unknown = decode_color_mask(rgb, SEG_CLASSES)
     assert ids.tolist() == [[0, 1, 2], [IGNORE, IGNORE, IGNORE]]
     assert unknown == Counter({(1, 2, 3): 2})
 
 
 def test_class_config_validation(tmp_path):
     path = tmp_path / "voc.yaml"
-    path.write_text(yaml.safe_dump(CLASSES.to_dict()))
-    assert load_class_config(path) == CLASSES
-    bad = CLASSES.to_dict() | {"LABEL_COLORS_LIST": [[0, 0, 0], [128, 0, 0]]}
+    path.write_text(yaml.safe_dump(SEG_CLASSES.to_dict()))
+    assert load_class_config(path) == SEG_CLASSES
+    bad = SEG_CLASSES.to_dict() | {"LABEL_COLORS_LIST": [[0, 0, 0], [128, 0, 0]]}
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SegDataError, match=r"voc.yaml: LABEL_COLORS_LIST has 2 colours for 3 classes"):
         load_class_config(path)
-    path.write_text(yaml.safe_dump(CLASSES.to_dict() | {"VIS_LABEL_MAP": [[0, 0, 300]] * 3}))
+    path.write_text(yaml.safe_dump(SEG_CLASSES.to_dict() | {"VIS_LABEL_MAP": [[0, 0, 300]] * 3}))
     with pytest.raises(SegDataError, match="VIS_LABEL_MAP must be"):
         load_class_config(path)
-    fork = {k: v for k, v in CLASSES.to_dict().items() if k != "IGNORE_COLORS"}  # the fork's three keys
+    fork = {k: v for k, v in SEG_CLASSES.to_dict().items() if k != "IGNORE_COLORS"}  # the fork's three keys
     path.write_text(yaml.safe_dump(fork))
     assert load_class_config(path).ignore_colors == ()
-
-
-def _write_pair(folder, stem, img, mask):
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "masks").mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / "images" / f"{stem}.png"), img)
-    cv2.imwrite(str(folder / "masks" / f"{stem}.png"), mask)
 
 
 def test_pairing_by_stem_and_its_errors(tmp_path):
     img = np.zeros((8, 12, 3), np.uint8)
     for stem in ("b", "a"):
-        _write_pair(tmp_path / "ok", stem, img, img)
+        write_seg_pair(tmp_path / "ok", stem, img, img)
     assert [(i.name, m.name) for i, m in pair_files(tmp_path / "ok")] == [("a.png", "a.png"), ("b.png", "b.png")]
-    _write_pair(tmp_path / "bad", "a", img, img)
+    write_seg_pair(tmp_path / "bad", "a", img, img)
     cv2.imwrite(str(tmp_path / "bad/images/lonely.png"), img)
     cv2.imwrite(str(tmp_path / "bad/masks/orphan.png"), img)
     with pytest.raises(SegDataError, match=r"2 unpaired.*images/lonely\.png.*masks/orphan\.png"):
@@ -125,11 +111,11 @@ def test_pairing_by_stem_and_its_errors(tmp_path):
 def test_index_masks_keep_255_and_flag_out_of_range_ids(tmp_path):
     arr = np.array([[0, 1, 2], [255, 9, 1]], np.uint8)
     cv2.imwrite(str(tmp_path / "m.png"), arr)
-    ids, bad = read_mask(tmp_path / "m.png", "index", CLASSES)
+    ids, bad = read_mask(tmp_path / "m.png", "index", SEG_CLASSES)
     assert ids.tolist() == [[0, 1, 2], [IGNORE, IGNORE, 1]] and bad == Counter({"id 9": 1})
     cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(SegDataError, match="single-channel") as e:
-        read_mask(tmp_path / "rgb.png", "index", CLASSES)
+        read_mask(tmp_path / "rgb.png", "index", SEG_CLASSES)
     assert "cannot read mask" not in str(e.value)  # its own message, not re-wrapped as a read failure
 
 
@@ -185,25 +171,11 @@ def test_frozen_encoder_gets_no_gradient_and_stays_in_eval_mode():
 # -- training, evaluation and inference on a real folder ------------------------------------------------------
 
 
-def _scenes(folder, n, seed, size=(24, 40)):
-    """Bright rectangles (cat) and dark rectangles (dog) on noise, as colour masks."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        img = rng.integers(60, 120, (*size, 3), dtype=np.uint8)
-        ids = np.zeros(size, np.uint8)
-        for cls, value in ((1, 250), (2, 5)):
-            y, x = rng.integers(0, size[0] - 8), rng.integers(0, size[1] - 8)
-            img[y : y + 8, x : x + 8] = value
-            ids[y : y + 8, x : x + 8] = cls
-        rgb = np.asarray(CLASSES.label_colors, np.uint8)[ids]
-        _write_pair(folder, f"s{i:03d}", img, rgb[..., ::-1])
-
-
 def test_train_eval_segment_and_video(tmp_path, capsys):
-    _scenes(tmp_path / "train", 32, 0)
-    _scenes(tmp_path / "val", 8, 1)
-    train = SegDataset(tmp_path / "train", CLASSES, "color", (24, 40), train=True, scale=(0.75, 1.25))
-    val = SegDataset(tmp_path / "val", CLASSES, "color", (24, 40), train=False)
+    seg_scenes(tmp_path / "train", 32, 0)
+    seg_scenes(tmp_path / "val", 8, 1)
+    train = SegDataset(tmp_path / "train", SEG_CLASSES, "color", (24, 40), train=True, scale=(0.75, 1.25))
+    val = SegDataset(tmp_path / "val", SEG_CLASSES, "color", (24, 40), train=False)
     model = SegmentationModel(tiny_encoder(), 3, head="decoder", freeze_encoder=False)
     spec = SegTrainSpec(epochs=6, batch_size=8, lr=3e-3, warmup_epochs=0.5, num_workers=0)
     history = train_segmentation(model, train, spec, torch.device("cpu"))
@@ -212,12 +184,12 @@ def test_train_eval_segment_and_video(tmp_path, capsys):
     assert cm.counts.sum() == 8 * 24 * 40 and res["miou"] > 0.4
 
     ckpt = tmp_path / "seg.pth"
-    save_segmenter(ckpt, model, CLASSES, SegPreprocess(24, 40))
+    save_segmenter(ckpt, model, SEG_CLASSES, SegPreprocess(24, 40))
     assert cli(["segment", "--checkpoint", str(ckpt), "--input", str(tmp_path / "val/images"),
                 "--output", str(tmp_path / "out")]) == 0  # fmt: skip
     mask = cv2.imread(str(tmp_path / "out/s000_mask.png"))
     assert mask.shape == (24, 40, 3) and (tmp_path / "out/s007_overlay.png").is_file()
-    vis = {tuple(c[::-1]) for c in CLASSES.vis_colors}  # drawn with VIS_LABEL_MAP, BGR on disk
+    vis = {tuple(c[::-1]) for c in SEG_CLASSES.vis_colors}  # drawn with VIS_LABEL_MAP, BGR on disk
     assert {tuple(p) for p in mask.reshape(-1, 3)} <= vis
 
     # a 3-frame synthetic video whose size differs from the model input (and is not square)
@@ -244,11 +216,11 @@ def test_class_colour_plots_carry_a_legend(tmp_path):
 
     fig, axes = new_figure(1, 2, (4, 2))
     for ax in axes.flat:
-        ax.imshow(colorize(np.arange(3, dtype=np.uint8).reshape(1, 3), CLASSES.vis_colors))
-    key = [*zip(CLASSES.names, CLASSES.vis_colors, strict=True), ("ignore (ground truth)", (255, 255, 255))]
+        ax.imshow(colorize(np.arange(3, dtype=np.uint8).reshape(1, 3), SEG_CLASSES.vis_colors))
+    key = [*zip(SEG_CLASSES.names, SEG_CLASSES.vis_colors, strict=True), ("ignore (ground truth)", (255, 255, 255))]
     path = save_figure(fig, tmp_path / "overlays.png", "overlays", legend=key)
     (legend,) = fig.legends
-    assert [t.get_text() for t in legend.get_texts()] == [*CLASSES.names, "ignore (ground truth)"]
+    assert [t.get_text() for t in legend.get_texts()] == [*SEG_CLASSES.names, "ignore (ground truth)"]
     colours = [tuple(round(255 * v) for v in h.get_facecolor()[:3]) for h in legend.legend_handles]
-    assert colours == [*map(tuple, CLASSES.vis_colors), (255, 255, 255)]
+    assert colours == [*map(tuple, SEG_CLASSES.vis_colors), (255, 255, 255)]
     assert path.stat().st_size > 1000

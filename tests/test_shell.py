@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_stages import official_checkpoint
+from .helpers import official_checkpoint
 
 pytestmark = pytest.mark.process
 

@@ -10,9 +10,6 @@ import pytest
 import torch
 import yaml
 
-from ijepa import create_encoder, create_predictor
-from ijepa.engine import build_optimizer
-from ijepa.jepa import JEPA
 from pipeline.schema import ParamError
 from pipeline.stage import run_stage
 from stages import (
@@ -29,33 +26,10 @@ from stages import (
     seg_train,
 )
 
-from .helpers import mini_fashion_mnist
+from .helpers import mini_fashion_mnist, official_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def official_checkpoint(path: Path) -> Path:
-    """What upstream's train.py writes, for an encoder of the demo geometry (28 px, patch 4)."""
-    torch.manual_seed(0)
-    enc = create_encoder("vit_tiny", patch_size=4, img_size=28, depth=2)
-    pred = create_predictor("vit_tiny", patch_size=4, img_size=28, depth=1, predictor_embed_dim=48)
-    jepa = JEPA(enc, pred)
-    state = {
-        k: {f"module.{n}": t for n, t in getattr(jepa, k).state_dict().items()}
-        for k in ("encoder", "predictor", "target_encoder")
-    }
-    state |= {
-        "opt": build_optimizer(jepa).state_dict(),
-        "scaler": None,
-        "epoch": 1,
-        "loss": 0.3,
-        "batch_size": 8,
-        "world_size": 1,
-        "lr": 1e-3,
-    }
-    torch.save(state, path)
-    return path
 
 
 @pytest.fixture(scope="module")
