@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -12,15 +12,15 @@ import yaml
 
 from ijepa.models.registry import list_models, preset
 
-from .schema import ParamError, fraction_range, non_negative, ordered_positive, parse, positive, spec
+from .schema import ParamError, checked, fraction_range, non_negative, ordered_positive, parse, positive, spec_of
 
 
 @dataclass(frozen=True)
 class SourceParams:
-    kind: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
-    dir: str | None = None  # fashion_mnist: folder of the idx files (None: where `make setup` puts them)
-    train_dir: str | None = None  # image_folder: <class>/<image> tree
-    test_dir: str | None = None  # image_folder: optional held-out tree (ImageNet val)
+    kind: Literal["fashion_mnist", "image_folder"]
+    dir: str | None  # fashion_mnist: folder of the idx files (None: where `make setup` puts them)
+    train_dir: str | None  # image_folder: <class>/<image> tree
+    test_dir: str | None  # image_folder: optional held-out tree (ImageNet val)
 
     def validate(self):
         if self.kind == "image_folder" and not self.train_dir:
@@ -30,28 +30,28 @@ class SourceParams:
 @dataclass(frozen=True)
 class PrepareParams:
     source: SourceParams
-    val_fraction: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
-    max_per_class: int | None = spec(None, positive, "be > 0 (or null for all)")
-    test_max_per_class: int | None = spec(None, positive, "be > 0 (or null for all)")
+    val_fraction: float = checked(lambda x: 0 <= x < 1, "be in [0, 1)")
+    max_per_class: int | None = checked(positive, "be > 0 (or null for all)")
+    test_max_per_class: int | None = checked(positive, "be > 0 (or null for all)")
     # training images per class past max_per_class, written as the `unlabeled` split (pretraining only)
-    unlabeled_per_class: int | None = spec(0, non_negative, "be >= 0 (or null for all past max_per_class)")
-    shard_size: int = spec(1000, positive, "be > 0")
-    workers: int = spec(2, positive, "be > 0")
+    unlabeled_per_class: int | None = checked(non_negative, "be >= 0 (or null for all past max_per_class)")
+    shard_size: int = checked(positive, "be > 0")
+    workers: int = checked(positive, "be > 0")
 
 
 @dataclass(frozen=True)
 class DataParams:
-    crop_size: int = spec(224, positive, "be > 0")
-    patch_size: int = spec(16, positive, "be > 0")
-    crop_scale: tuple[float, float] = spec((0.3, 1.0), fraction_range, "satisfy 0 < min <= max <= 1")
-    horizontal_flip: bool = False
-    color_distortion: bool = False
-    color_jitter: float = spec(0.0, non_negative, "be >= 0")
-    gaussian_blur: bool = False
-    num_workers: int = spec(2, non_negative, "be >= 0")
-    stall_timeout_s: float = spec(300.0, non_negative, "be >= 0 (0: wait forever)")  # loader workers' silence
-    shuffle_buffer: int = spec(1000, positive, "be > 0")
-    in_memory: bool = False  # decode the train split once and build batches in-process (small data sets)
+    crop_size: int = checked(positive, "be > 0")
+    patch_size: int = checked(positive, "be > 0")
+    crop_scale: tuple[float, float] = checked(fraction_range, "satisfy 0 < min <= max <= 1")
+    horizontal_flip: bool
+    color_distortion: bool
+    color_jitter: float = checked(non_negative, "be >= 0")
+    gaussian_blur: bool
+    num_workers: int = checked(non_negative, "be >= 0")
+    stall_timeout_s: float = checked(non_negative, "be >= 0 (0: wait forever)")  # loader workers' silence
+    shuffle_buffer: int = checked(positive, "be > 0")
+    in_memory: bool  # decode the train split once and build batches in-process (small data sets)
 
     def validate(self):
         if self.crop_size % self.patch_size:
@@ -60,10 +60,10 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: str = spec("vit_base", lambda n: n in list_models(), f"be one of {list_models()}")
-    depth: int | None = spec(None, positive, "be > 0 (or null for the preset's depth)")
-    pred_depth: int = spec(6, positive, "be > 0")
-    pred_emb_dim: int = spec(384, positive, "be > 0")
+    name: str = checked(lambda n: n in list_models(), f"be one of {list_models()}")
+    depth: int | None = checked(positive, "be > 0 (or null for the preset's depth)")
+    pred_depth: int = checked(positive, "be > 0")
+    pred_emb_dim: int = checked(positive, "be > 0")
 
     def validate(self):
         heads = preset(self.name)["num_heads"]
@@ -77,37 +77,34 @@ class ModelParams:
         """The ``ijepa.pretrain.ModelSpec`` of these params on ``data``'s images."""
         from ijepa.pretrain import ModelSpec
 
-        return ModelSpec(
-            name=self.name, patch_size=data.patch_size, img_size=data.crop_size, in_chans=3,
-            pred_depth=self.pred_depth, pred_emb_dim=self.pred_emb_dim, overrides=self.overrides(),
-            objective=objective.spec(),
-        )  # fmt: skip
+        given = {"patch_size": data.patch_size, "img_size": data.crop_size, "in_chans": 3}
+        return spec_of(self, ModelSpec, overrides=self.overrides(), objective=objective.spec(), **given)
 
 
 @dataclass(frozen=True)
 class MaskParams:
-    enc_mask_scale: tuple[float, float] = spec((0.85, 1.0), fraction_range, "satisfy 0 < min <= max <= 1")
-    pred_mask_scale: tuple[float, float] = spec((0.15, 0.2), fraction_range, "satisfy 0 < min <= max <= 1")
-    aspect_ratio: tuple[float, float] = spec((0.75, 1.5), ordered_positive, "satisfy 0 < min <= max")
-    nenc: int = spec(1, positive, "be > 0")
-    npred: int = spec(4, positive, "be > 0")
-    min_keep: int = spec(10, non_negative, "be >= 0")
-    allow_overlap: bool = False
+    enc_mask_scale: tuple[float, float] = checked(fraction_range, "satisfy 0 < min <= max <= 1")
+    pred_mask_scale: tuple[float, float] = checked(fraction_range, "satisfy 0 < min <= max <= 1")
+    aspect_ratio: tuple[float, float] = checked(ordered_positive, "satisfy 0 < min <= max")
+    nenc: int = checked(positive, "be > 0")
+    npred: int = checked(positive, "be > 0")
+    min_keep: int = checked(non_negative, "be >= 0")
+    allow_overlap: bool
 
 
 @dataclass(frozen=True)
 class OptimParams:
-    warmup: float = spec(40.0, non_negative, "be >= 0 (epochs)")
-    start_lr: float = spec(2e-4, non_negative, "be >= 0")
-    lr: float = spec(1e-3, positive, "be > 0")
-    final_lr: float = spec(1e-6, non_negative, "be >= 0")
-    weight_decay: float = spec(0.04, non_negative, "be >= 0")
-    final_weight_decay: float = spec(0.4, non_negative, "be >= 0")
-    ema: tuple[float, float] = spec((0.996, 1.0), lambda e: 0 <= e[0] <= e[1] <= 1, "satisfy 0 <= start <= end <= 1")
-    ipe_scale: float = spec(1.0, positive, "be > 0")
-    bf16: bool = True
-    ref_batch_size: int = spec(2048, positive, "be > 0 (the effective batch the lrs above belong to)")
-    lr_scaling: Literal["none", "linear", "sqrt"] = "sqrt"  # the lrs at another effective batch
+    warmup: float = checked(non_negative, "be >= 0 (epochs)")
+    start_lr: float = checked(non_negative, "be >= 0")
+    lr: float = checked(positive, "be > 0")
+    final_lr: float = checked(non_negative, "be >= 0")
+    weight_decay: float = checked(non_negative, "be >= 0")
+    final_weight_decay: float = checked(non_negative, "be >= 0")
+    ema: tuple[float, float] = checked(lambda e: 0 <= e[0] <= e[1] <= 1, "satisfy 0 <= start <= end <= 1")
+    ipe_scale: float = checked(positive, "be > 0")
+    bf16: bool
+    ref_batch_size: int = checked(positive, "be > 0 (the effective batch the lrs above belong to)")
+    lr_scaling: Literal["none", "linear", "sqrt"]  # the lrs at another effective batch
 
     def lr_scale(self, batch: int) -> float:
         """The factor on start_lr, lr and final_lr at effective batch ``batch`` (1.0 at ``ref_batch_size``)."""
@@ -131,37 +128,34 @@ class OptimParams:
         from ijepa.pretrain import OptimSpec
 
         scale = 1.0 if batch is None else self.lr_scale(batch)
-        return OptimSpec(
-            epochs=epochs, warmup=self.warmup, start_lr=self.start_lr * scale, lr=self.lr * scale,
-            final_lr=self.final_lr * scale, weight_decay=self.weight_decay,
-            final_weight_decay=self.final_weight_decay, ema=self.ema, ipe_scale=self.ipe_scale, bf16=self.bf16,
-        )  # fmt: skip
+        lrs = {k: getattr(self, k) * scale for k in ("start_lr", "lr", "final_lr")}
+        return spec_of(self, OptimSpec, epochs=epochs, **lrs)
 
 
 @dataclass(frozen=True)
 class MonitorParams:
     """Health monitors of the target encoder during pretraining (``ijepa.monitor``)."""
 
-    enabled: bool = True
-    every: int = spec(0, non_negative, "be >= 0 (steps; 0: only at epoch ends)")
-    bank: int = spec(1000, positive, "be > 0 (training images, the k-NN bank)")
-    queries: int = spec(500, positive, "be > 0 (validation images)")
-    k: int = spec(20, positive, "be > 0")
-    min_rank: float = spec(0.0, non_negative, "be >= 0 (0: never warn)")
-    grace_epochs: float = spec(0.0, non_negative, "be >= 0 (epochs before min_rank applies)")
-    stop_on_collapse: bool = False
+    enabled: bool
+    every: int = checked(non_negative, "be >= 0 (steps; 0: only at epoch ends)")
+    bank: int = checked(positive, "be > 0 (training images, the k-NN bank)")
+    queries: int = checked(positive, "be > 0 (validation images)")
+    k: int = checked(positive, "be > 0")
+    min_rank: float = checked(non_negative, "be >= 0 (0: never warn)")
+    grace_epochs: float = checked(non_negative, "be >= 0 (epochs before min_rank applies)")
+    stop_on_collapse: bool
 
 
 @dataclass(frozen=True)
 class PretrainParams:
-    epochs: int = spec(300, positive, "be > 0")
-    batch_size: int = spec(128, positive, "be > 0 (per rank)")
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    save_every_epochs: int = spec(0, non_negative, "be >= 0")
-    monitor: MonitorParams = field(default_factory=MonitorParams)
-    log_model: bool = True  # the target encoder as an MLflow model, registered as ijepa-encoder
-    splits: tuple[str, ...] = spec(
-        ("train",), lambda v: len(v) > 0 and len(set(v)) == len(v), "name each split once, at least one"
+    epochs: int = checked(positive, "be > 0")
+    batch_size: int = checked(positive, "be > 0 (per rank)")
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    save_every_epochs: int = checked(non_negative, "be >= 0")
+    monitor: MonitorParams
+    log_model: bool  # the target encoder as an MLflow model, registered as ijepa-encoder
+    splits: tuple[str, ...] = checked(
+        lambda v: len(v) > 0 and len(set(v)) == len(v), "name each split once, at least one"
     )  # the shards' splits pretraining reads: train, and unlabeled where prepare.unlabeled_per_class wrote it
 
 
@@ -170,41 +164,29 @@ class LauncherParams:
     """Where a distributed stage runs (``pipeline.launch``). Only the world size (nodes x tasks_per_node) changes
     what is trained: dvc.yaml lists those two keys as the stages' params, and none of the others."""
 
-    kind: Literal["inline", "local", "slurm"] = "inline"
-    nodes: int = spec(1, positive, "be > 0")
-    tasks_per_node: int = spec(1, positive, "be > 0")
-    gpus_per_node: int = spec(0, non_negative, "be >= 0")
-    cpus_per_task: int = spec(2, positive, "be > 0")
-    mem_gb: int = spec(16, positive, "be > 0")
-    time_min: int = spec(60, positive, "be > 0 (minutes)")
-    partition: str | None = None
-    account: str | None = None
-    max_requeues: int = spec(20, non_negative, "be >= 0")
-    signal_delay_s: int = spec(120, positive, "be > 0 (seconds of warning before the time limit)")
-    folder: str = "outputs/submitit"
-    poll_s: float = spec(10.0, positive, "be > 0 (seconds between looks at a job's state)")
+    kind: Literal["inline", "local", "slurm"]
+    nodes: int = checked(positive, "be > 0")
+    tasks_per_node: int = checked(positive, "be > 0")
+    gpus_per_node: int = checked(non_negative, "be >= 0")
+    cpus_per_task: int = checked(positive, "be > 0")
+    mem_gb: int = checked(positive, "be > 0")
+    time_min: int = checked(positive, "be > 0 (minutes)")
+    partition: str | None
+    account: str | None
+    max_requeues: int = checked(non_negative, "be >= 0")
+    signal_delay_s: int = checked(positive, "be > 0 (seconds of warning before the time limit)")
+    folder: str
+    poll_s: float = checked(positive, "be > 0 (seconds between looks at a job's state)")
 
 
 @dataclass(frozen=True)
 class TrackingParams:
-    experiment: str = spec("ijepa", lambda s: bool(s.strip()), "be a non-empty name")
-    enabled: bool = True
-    model_alias: str | None = spec(
-        "repro", lambda s: re.fullmatch(r"[\w-]+", s) is not None and s.lower() != "latest",
+    experiment: str = checked(lambda s: bool(s.strip()), "be a non-empty name")
+    enabled: bool
+    model_alias: str | None = checked(
+        lambda s: re.fullmatch(r"[\w-]+", s) is not None and s.lower() != "latest",
         "be letters, digits, _ or - (not 'latest', which MLflow reserves), or null",
-    )  # fmt: skip
-
-
-SECTIONS = {
-    "prepare": PrepareParams,
-    "data": DataParams,
-    "model": ModelParams,
-    "mask": MaskParams,
-    "optim": OptimParams,
-    "pretrain": PretrainParams,
-    "launcher": LauncherParams,
-    "tracking": TrackingParams,
-}
+    )
 
 
 def load_params(path: str | Path) -> dict:
@@ -262,131 +244,117 @@ def check_mask_geometry(mask: MaskParams, data: DataParams) -> None:
 
 @dataclass(frozen=True)
 class ExtractParams:
-    checkpoint: str = "models/pretrain/jepa-latest.pth.tar"  # ours, or an official .pth.tar
-    which: Literal["target_encoder", "encoder"] = "target_encoder"
-    crop_size: int | None = spec(None, positive, "be > 0 (or null for the checkpoint's image size)")
-    resize_size: int | None = spec(None, positive, "be > 0 (or null for the crop size)")
-    batch_size: int = spec(256, positive, "be > 0")
-    num_workers: int = spec(1, non_negative, "be >= 0")
-    stall_timeout_s: float = spec(300.0, non_negative, "be >= 0 (0: wait forever)")
-    pixel_size: int = spec(16, positive, "be > 0")
-    tokens: bool = False  # also keep the last layer's patch tokens (float16) for the attentive probe
-    bf16: bool = True
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    checkpoint: str  # ours, or an official .pth.tar
+    which: Literal["target_encoder", "encoder"]
+    crop_size: int | None = checked(positive, "be > 0 (or null for the checkpoint's image size)")
+    resize_size: int | None = checked(positive, "be > 0 (or null for the crop size)")
+    batch_size: int = checked(positive, "be > 0")
+    num_workers: int = checked(non_negative, "be >= 0")
+    stall_timeout_s: float = checked(non_negative, "be >= 0 (0: wait forever)")
+    pixel_size: int = checked(positive, "be > 0")
+    tokens: bool  # also keep the last layer's patch tokens (float16) for the attentive probe
+    bf16: bool
+    device: Literal["auto", "cuda", "mps", "cpu"]
 
 
 @dataclass(frozen=True)
 class LinprobeParams:
-    lrs: tuple[float, ...] = spec((0.001, 0.01, 0.1), lambda v: len(v) > 0 and min(v) > 0, "be positive")
-    poolings: tuple[str, ...] = spec(
-        ("avg_last", "avg_last4"),
-        lambda v: len(v) > 0 and set(v) <= {"avg_last", "avg_last4"},
-        "be a non-empty subset of [avg_last, avg_last4]",
+    lrs: tuple[float, ...] = checked(lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    poolings: tuple[str, ...] = checked(
+        lambda v: len(v) > 0 and set(v) <= {"avg_last", "avg_last4"}, "be a non-empty subset of [avg_last, avg_last4]"
     )
-    batchnorm: tuple[bool, ...] = spec((False, True), lambda v: len(v) > 0, "be a non-empty list")
-    epochs: int = spec(100, positive, "be > 0")
-    batch_size: int = spec(256, positive, "be > 0")
-    weight_decay: float = spec(0.0, non_negative, "be >= 0")
+    batchnorm: tuple[bool, ...] = checked(lambda v: len(v) > 0, "be a non-empty list")
+    epochs: int = checked(positive, "be > 0")
+    batch_size: int = checked(positive, "be > 0")
+    weight_decay: float = checked(non_negative, "be >= 0")
 
 
 @dataclass(frozen=True)
 class AttnprobeParams:
-    enabled: bool = True  # false: the stage records that it did not run (no token cache at ImageNet scale)
-    lrs: tuple[float, ...] = spec((1e-3,), lambda v: len(v) > 0 and min(v) > 0, "be positive")
-    num_heads: int = spec(4, positive, "be > 0 (fewer where they do not divide the token width)")
-    epochs: int = spec(20, positive, "be > 0")
-    batch_size: int = spec(256, positive, "be > 0")
-    weight_decay: float = spec(0.01, non_negative, "be >= 0")
-    warmup_epochs: float = spec(1.0, non_negative, "be >= 0")
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    enabled: bool  # false: the stage records that it did not run (no token cache at ImageNet scale)
+    lrs: tuple[float, ...] = checked(lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    num_heads: int = checked(positive, "be > 0 (fewer where they do not divide the token width)")
+    epochs: int = checked(positive, "be > 0")
+    batch_size: int = checked(positive, "be > 0")
+    weight_decay: float = checked(non_negative, "be >= 0")
+    warmup_epochs: float = checked(non_negative, "be >= 0")
+    device: Literal["auto", "cuda", "mps", "cpu"]
 
 
 @dataclass(frozen=True)
 class LowshotParams:
-    shots: tuple[int, ...] = spec((1, 5, 10), lambda v: all(k > 0 for k in v), "be positive")
-    fractions: tuple[float, ...] = spec((0.01,), lambda v: all(0 < f <= 1 for f in v), "be in (0, 1]")
-    subsets: int = spec(3, positive, "be > 0 (seeded training subsets per protocol)")
-    poolings: tuple[str, ...] = spec(
-        ("avg_last",), lambda v: len(v) > 0 and set(v) <= {"avg_last", "avg_last4"}, "be avg_last / avg_last4"
+    shots: tuple[int, ...] = checked(lambda v: all(k > 0 for k in v), "be positive")
+    fractions: tuple[float, ...] = checked(lambda v: all(0 < f <= 1 for f in v), "be in (0, 1]")
+    subsets: int = checked(positive, "be > 0 (seeded training subsets per protocol)")
+    poolings: tuple[str, ...] = checked(
+        lambda v: len(v) > 0 and set(v) <= {"avg_last", "avg_last4"}, "be avg_last / avg_last4"
     )
-    lrs: tuple[float, ...] = spec((0.01, 0.1), lambda v: len(v) > 0 and min(v) > 0, "be positive")
-    batchnorm: tuple[bool, ...] = spec((False,), lambda v: len(v) > 0, "be a non-empty list")
-    epochs: int = spec(50, positive, "be > 0")
-    batch_size: int = spec(256, positive, "be > 0")
+    lrs: tuple[float, ...] = checked(lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    batchnorm: tuple[bool, ...] = checked(lambda v: len(v) > 0, "be a non-empty list")
+    epochs: int = checked(positive, "be > 0")
+    batch_size: int = checked(positive, "be > 0")
 
 
 @dataclass(frozen=True)
 class KnnParams:
-    ks: tuple[int, ...] = spec((10, 20, 100, 200), lambda v: len(v) > 0 and min(v) > 0, "be positive")
-    temperature: float = spec(0.07, positive, "be > 0")
-    pooling: Literal["avg_last", "avg_last4"] = "avg_last"
+    ks: tuple[int, ...] = checked(lambda v: len(v) > 0 and min(v) > 0, "be positive")
+    temperature: float = checked(positive, "be > 0")
+    pooling: Literal["avg_last", "avg_last4"]
 
 
 @dataclass(frozen=True)
 class SearchParams:
-    pooling: Literal["avg_last", "avg_last4"] = "avg_last"
-    backend: Literal["exact", "faiss"] = "exact"
-    k: int = spec(5, positive, "be > 0")
-    grid_queries: int = spec(8, positive, "be > 0")
-
-
-SECTIONS |= {"extract": ExtractParams, "linprobe": LinprobeParams, "knn": KnnParams, "search": SearchParams}
-SECTIONS |= {"attnprobe": AttnprobeParams, "lowshot": LowshotParams}
+    pooling: Literal["avg_last", "avg_last4"]
+    backend: Literal["exact", "faiss"]
+    k: int = checked(positive, "be > 0")
+    grid_queries: int = checked(positive, "be > 0")
 
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    checkpoint: str = "models/pretrain/jepa-latest.pth.tar"
-    which: Literal["target_encoder", "encoder"] = "target_encoder"
-    epochs: int = spec(50, positive, "be > 0")
-    batch_size: int = spec(64, positive, "be > 0")
-    accum_steps: int = spec(1, positive, "be > 0")
-    blr: float = spec(1e-3, positive, "be > 0")
-    min_lr: float = spec(1e-6, non_negative, "be >= 0")
-    warmup_epochs: float = spec(5.0, non_negative, "be >= 0")
-    weight_decay: float = spec(0.05, non_negative, "be >= 0")
-    layer_decay: float = spec(0.75, lambda x: 0 < x <= 1, "be in (0, 1]")
-    drop_path: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
-    label_smoothing: float = spec(0.1, lambda x: 0 <= x < 1, "be in [0, 1)")
-    mixup: float = spec(0.8, non_negative, "be >= 0 (0 = off)")
-    cutmix: float = spec(1.0, non_negative, "be >= 0 (0 = off)")
-    rand_augment: float = spec(9, lambda x: 0 <= x <= 10, "be in [0, 10], timm's scale (0 = off)")
-    random_erasing: float = spec(0.25, lambda x: 0 <= x <= 1, "be in [0, 1] (0 = off)")
-    crop_scale: tuple[float, float] = spec((0.08, 1.0), fraction_range, "satisfy 0 < min <= max <= 1")
-    horizontal_flip: bool = True
-    resize_size: int | None = spec(None, positive, "be > 0 (or null for the crop size)")
-    model_ema: bool = False
-    ema_decay: float = spec(0.9999, lambda x: 0 < x < 1, "be in (0, 1)")
-    bf16: bool = True
-    num_workers: int = spec(1, non_negative, "be >= 0")
-    stall_timeout_s: float = spec(300.0, non_negative, "be >= 0 (0: wait forever)")
-    in_memory: bool = False  # decode every split once and build batches in-process (small data sets)
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    log_model: bool = True  # the classifier as an MLflow model, registered as ijepa-classifier
-    random_init: bool = True  # also train the architecture from a random start, same recipe (the baseline)
-    lp_steps: int = spec(0, non_negative, "be >= 0 (0: MAE's random head)")  # LP-FT: fit the head first
-    lp_lr: float = spec(0.01, positive, "be > 0")
+    checkpoint: str
+    which: Literal["target_encoder", "encoder"]
+    epochs: int = checked(positive, "be > 0")
+    batch_size: int = checked(positive, "be > 0")
+    accum_steps: int = checked(positive, "be > 0")
+    blr: float = checked(positive, "be > 0")
+    min_lr: float = checked(non_negative, "be >= 0")
+    warmup_epochs: float = checked(non_negative, "be >= 0")
+    weight_decay: float = checked(non_negative, "be >= 0")
+    layer_decay: float = checked(lambda x: 0 < x <= 1, "be in (0, 1]")
+    drop_path: float = checked(lambda x: 0 <= x < 1, "be in [0, 1)")
+    label_smoothing: float = checked(lambda x: 0 <= x < 1, "be in [0, 1)")
+    mixup: float = checked(non_negative, "be >= 0 (0 = off)")
+    cutmix: float = checked(non_negative, "be >= 0 (0 = off)")
+    rand_augment: float = checked(lambda x: 0 <= x <= 10, "be in [0, 10], timm's scale (0 = off)")
+    random_erasing: float = checked(lambda x: 0 <= x <= 1, "be in [0, 1] (0 = off)")
+    crop_scale: tuple[float, float] = checked(fraction_range, "satisfy 0 < min <= max <= 1")
+    horizontal_flip: bool
+    resize_size: int | None = checked(positive, "be > 0 (or null for the crop size)")
+    model_ema: bool
+    ema_decay: float = checked(lambda x: 0 < x < 1, "be in (0, 1)")
+    bf16: bool
+    num_workers: int = checked(non_negative, "be >= 0")
+    stall_timeout_s: float = checked(non_negative, "be >= 0 (0: wait forever)")
+    in_memory: bool  # decode every split once and build batches in-process (small data sets)
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    log_model: bool  # the classifier as an MLflow model, registered as ijepa-classifier
+    random_init: bool  # also train the architecture from a random start, same recipe (the baseline)
+    lp_steps: int = checked(non_negative, "be >= 0 (0: MAE's random head)")  # LP-FT: fit the head first
+    lp_lr: float = checked(positive, "be > 0")
 
     def spec(self):
         """The ``ijepa.finetune.FinetuneSpec`` of these params."""
         from ijepa.finetune import FinetuneSpec
 
-        return FinetuneSpec(
-            epochs=self.epochs, batch_size=self.batch_size, accum_steps=self.accum_steps, blr=self.blr,
-            min_lr=self.min_lr, warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay,
-            layer_decay=self.layer_decay, label_smoothing=self.label_smoothing, mixup=self.mixup, cutmix=self.cutmix,
-            model_ema=self.model_ema, ema_decay=self.ema_decay, bf16=self.bf16, random_erasing=self.random_erasing,
-        )  # fmt: skip
-
-
-SECTIONS["finetune"] = FinetuneParams
+        return spec_of(self, FinetuneSpec)
 
 
 @dataclass(frozen=True)
 class DmtParams:
-    window: int = spec(3, lambda w: w >= 3 and w % 2 == 1, "be an odd number >= 3")
-    k: int = spec(4, positive, "be > 0")
-    blocks: int = spec(2, positive, "be > 0")
+    window: int = checked(lambda w: w >= 3 and w % 2 == 1, "be an odd number >= 3")
+    k: int = checked(positive, "be > 0")
+    blocks: int = checked(positive, "be > 0")
 
     def validate(self):
         if self.k > self.window**2 - 1:
@@ -398,8 +366,8 @@ class DmtParams:
 
 @dataclass(frozen=True)
 class ObjectiveParams:
-    name: Literal["ijepa", "dmt_jepa"] = "ijepa"
-    dmt: DmtParams | None = None
+    name: Literal["ijepa", "dmt_jepa"]
+    dmt: DmtParams | None
 
     def validate(self):
         if self.name == "dmt_jepa" and self.dmt is None:
@@ -412,72 +380,85 @@ class ObjectiveParams:
         return {"name": "dmt_jepa", "window": self.dmt.window, "k": self.dmt.k, "depth": self.dmt.blocks}
 
 
-SECTIONS["objective"] = ObjectiveParams
-
-
 @dataclass(frozen=True)
 class SegPrepareParams:
-    kind: Literal["demo", "folders"] = "demo"  # demo: generate scenes into data/seg; folders: use seg_data dirs
-    fashion_mnist_dir: str | None = None  # demo items (None: where `make setup` puts Fashion-MNIST)
-    train_images: int = spec(600, positive, "be > 0")
-    val_images: int = spec(200, positive, "be > 0")
-    height: int = spec(56, positive, "be > 0")
-    width: int = spec(84, positive, "be > 0")
-    items: tuple[int, int] = spec((1, 3), ordered_positive, "satisfy 0 < min <= max")
-    item_scale: tuple[float, float] = spec((1.0, 1.6), ordered_positive, "satisfy 0 < min <= max")
+    kind: Literal["demo", "folders"]  # demo: generate scenes into data/seg; folders: use seg_data dirs
+    fashion_mnist_dir: str | None  # demo items (None: where `make setup` puts Fashion-MNIST)
+    train_images: int = checked(positive, "be > 0")
+    val_images: int = checked(positive, "be > 0")
+    height: int = checked(positive, "be > 0")
+    width: int = checked(positive, "be > 0")
+    items: tuple[int, int] = checked(ordered_positive, "satisfy 0 < min <= max")
+    item_scale: tuple[float, float] = checked(ordered_positive, "satisfy 0 < min <= max")
 
 
 @dataclass(frozen=True)
 class SegDataParams:
-    train_dir: str = "data/seg/train"  # <dir>/images/<stem>.* and <dir>/masks/<stem>.png
-    val_dir: str = "data/seg/val"
-    mask_format: Literal["color", "index"] = "color"
-    classes: str = "data/seg/classes.yaml"  # ALL_CLASSES, LABEL_COLORS_LIST, VIS_LABEL_MAP (+ IGNORE_COLORS)
-    height: int = spec(56, positive, "be > 0")  # model input (multiples of the patch size)
-    width: int = spec(84, positive, "be > 0")
+    train_dir: str  # <dir>/images/<stem>.* and <dir>/masks/<stem>.png
+    val_dir: str
+    mask_format: Literal["color", "index"]
+    classes: str  # ALL_CLASSES, LABEL_COLORS_LIST, VIS_LABEL_MAP (+ IGNORE_COLORS)
+    height: int = checked(positive, "be > 0")  # model input (multiples of the patch size)
+    width: int = checked(positive, "be > 0")
 
 
 @dataclass(frozen=True)
 class SegTrainParams:
-    checkpoint: str = "models/pretrain/jepa-latest.pth.tar"
-    which: Literal["target_encoder", "encoder"] = "target_encoder"
-    head: Literal["linear", "decoder"] = "linear"
-    layers: int = spec(1, positive, "be > 0 (the last N blocks, concatenated)")
-    decoder_width: int = spec(128, positive, "be > 0")
-    freeze_encoder: bool = True
-    epochs: int = spec(20, positive, "be > 0")
-    batch_size: int = spec(16, positive, "be > 0")
-    lr: float = spec(1e-3, positive, "be > 0")
-    min_lr: float = spec(0.0, non_negative, "be >= 0")
-    weight_decay: float = spec(1e-4, non_negative, "be >= 0")
-    warmup_epochs: float = spec(1.0, non_negative, "be >= 0")
-    schedule: Literal["poly", "cosine"] = "poly"
-    encoder_lr_scale: float = spec(0.1, positive, "be > 0")
-    scale: tuple[float, float] = spec((0.5, 2.0), ordered_positive, "satisfy 0 < min <= max")
-    hflip: bool = True
-    bf16: bool = True
-    num_workers: int = spec(1, non_negative, "be >= 0")
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    log_model: bool = True  # the pretrained-encoder segmenter as an MLflow model, registered as ijepa-segmenter
+    checkpoint: str
+    which: Literal["target_encoder", "encoder"]
+    head: Literal["linear", "decoder"]
+    layers: int = checked(positive, "be > 0 (the last N blocks, concatenated)")
+    decoder_width: int = checked(positive, "be > 0")
+    freeze_encoder: bool
+    epochs: int = checked(positive, "be > 0")
+    batch_size: int = checked(positive, "be > 0")
+    lr: float = checked(positive, "be > 0")
+    min_lr: float = checked(non_negative, "be >= 0")
+    weight_decay: float = checked(non_negative, "be >= 0")
+    warmup_epochs: float = checked(non_negative, "be >= 0")
+    schedule: Literal["poly", "cosine"]
+    encoder_lr_scale: float = checked(positive, "be > 0")
+    scale: tuple[float, float] = checked(ordered_positive, "satisfy 0 < min <= max")
+    hflip: bool
+    bf16: bool
+    num_workers: int = checked(non_negative, "be >= 0")
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    log_model: bool  # the pretrained-encoder segmenter as an MLflow model, registered as ijepa-segmenter
 
     def spec(self):
         """The ``ijepa.seg.train.SegTrainSpec`` of these params."""
         from ijepa.seg.train import SegTrainSpec
 
-        return SegTrainSpec(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, min_lr=self.min_lr,
-            weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs, schedule=self.schedule,
-            encoder_lr_scale=self.encoder_lr_scale, bf16=self.bf16, num_workers=self.num_workers,
-        )  # fmt: skip
+        return spec_of(self, SegTrainSpec, library_defaults=("poly_power",))  # mmseg's 0.9, not a param
 
 
 @dataclass(frozen=True)
 class SegEvalParams:
-    batch_size: int = spec(32, positive, "be > 0")
-    overlays: int = spec(6, non_negative, "be >= 0 (validation images drawn with their predictions)")
-    num_workers: int = spec(1, non_negative, "be >= 0")
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    batch_size: int = checked(positive, "be > 0")
+    overlays: int = checked(non_negative, "be >= 0 (validation images drawn with their predictions)")
+    num_workers: int = checked(non_negative, "be >= 0")
+    device: Literal["auto", "cuda", "mps", "cpu"]
 
 
-SECTIONS |= {"seg_prepare": SegPrepareParams, "seg_data": SegDataParams, "seg_train": SegTrainParams}
-SECTIONS["seg_eval"] = SegEvalParams
+SECTIONS = {  # params.yaml's section -> its schema (a stage parses the sections it names)
+    "prepare": PrepareParams,
+    "data": DataParams,
+    "model": ModelParams,
+    "mask": MaskParams,
+    "optim": OptimParams,
+    "objective": ObjectiveParams,
+    "pretrain": PretrainParams,
+    "launcher": LauncherParams,
+    "tracking": TrackingParams,
+    "extract": ExtractParams,
+    "linprobe": LinprobeParams,
+    "attnprobe": AttnprobeParams,
+    "lowshot": LowshotParams,
+    "knn": KnnParams,
+    "search": SearchParams,
+    "finetune": FinetuneParams,
+    "seg_prepare": SegPrepareParams,
+    "seg_data": SegDataParams,
+    "seg_train": SegTrainParams,
+    "seg_eval": SegEvalParams,
+}

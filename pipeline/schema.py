@@ -1,9 +1,12 @@
 """A small typed schema for params sections: dataclasses whose fields carry checks.
 
 ``parse(cls, data, "pretrain")`` builds a frozen dataclass from a params dict and reports the first
-problem with its full key path: an unknown key (typos never fall back to defaults), a missing key (the
-dataclass defaults document values and serve programmatic use; params files must set every key), a wrong
+problem with its full key path: an unknown key (typos never fall back to defaults), a missing key, a wrong
 type or a value out of range. Ints are accepted where floats are expected; nothing else is coerced.
+
+The schema holds types and checks, never values: params/ (composed into params.yaml) is the one source of
+every value, so the two cannot disagree. ``spec_of`` builds the library's spec dataclasses from a section's
+fields, so a spec field that no param sets is an error, not its library default.
 """
 
 from __future__ import annotations
@@ -22,12 +25,29 @@ class ParamError(UserError, ValueError):
     """A params problem; the message starts with the offending key."""
 
 
-def spec(default: Any = dataclasses.MISSING, check: Callable[[Any], bool] | None = None, why: str = "") -> Any:
-    """A dataclass field with a value check; ``why`` completes "must ..." in the error message."""
-    meta = {"check": check, "why": why}
-    if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+def checked(check: Callable[[Any], bool], why: str) -> Any:
+    """A dataclass field (no default) with a value check; ``why`` completes "must ..." in the error message."""
+    return dataclasses.field(metadata={"check": check, "why": why})
+
+
+def spec_of(section: Any, spec_cls: type, *, library_defaults: tuple[str, ...] = (), **given: Any) -> Any:
+    """``spec_cls`` (a library spec dataclass) from ``given`` and the same-named fields of the parsed ``section``.
+
+    Every field of ``spec_cls`` must come from one of them or be named in ``library_defaults`` (a field the
+    params deliberately leave at the library's value); a new spec field that no param sets raises here instead
+    of silently taking its default."""
+    names = {f.name for f in dataclasses.fields(section)}
+    values, missing = {}, []
+    for f in dataclasses.fields(spec_cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+        elif f.name in names:
+            values[f.name] = getattr(section, f.name)
+        elif f.name not in library_defaults:
+            missing.append(f.name)
+    if missing:
+        raise TypeError(f"{spec_cls.__name__}: no param sets {', '.join(missing)} (add it to {type(section).__name__})")
+    return spec_cls(**values)
 
 
 def _type_name(tp: Any) -> str:

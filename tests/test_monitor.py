@@ -150,6 +150,7 @@ def test_the_monitor_hook_writes_rows_warns_after_the_grace_and_plots(tmp_path, 
     from pipeline.monitoring import COLUMNS, MonitorHook, health_metrics, plot_health
     from pipeline.outputs import StepCSV
     from pipeline.params import MonitorParams
+    from pipeline.schema import parse
 
     class Tracker:
         def __init__(self):
@@ -159,7 +160,8 @@ def test_the_monitor_hook_writes_rows_warns_after_the_grace_and_plots(tmp_path, 
             self.logged.append((step, values))
 
     values = {"rankme": 2.0, "feature_spread": 0.5, "knn_top1": 0.3}
-    mon = MonitorParams(min_rank=5.0, grace_epochs=1.0)
+    monitor = yaml.safe_load((ROOT / "params.yaml").read_text())["pretrain"]["monitor"]
+    mon = parse(MonitorParams, monitor | {"min_rank": 5.0, "grace_epochs": 1.0}, "pretrain.monitor")
     tracker, rows = Tracker(), StepCSV(tmp_path / "m.csv", COLUMNS)
     hook = MonitorHook(lambda encoder: values, mon, ipe=10, csv=rows, tracker=tracker)
     for step in (0, 5, 10, 20):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,38 @@ def test_stage_validates_before_any_work(tmp_path):
     with pytest.raises(ParamError, match=r"optim\.lr"):
         run_stage("pretrain", pretrain.run, pretrain.SECTIONS, root=tmp_path, params=params)
     assert list(tmp_path.iterdir()) == []  # nothing written, no tracking store created
+
+
+def test_the_schema_holds_no_values_and_every_spec_field_comes_from_a_param():
+    """params/ is the one source of values: no schema field has a default to disagree with it, and each
+    library spec a stage builds gets every field from a param (or names it as deliberately the library's)."""
+    from pipeline.schema import spec_of
+
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (cls, f.name)
+            for tp in typing.get_args(typing.get_type_hints(cls)[f.name]) or (typing.get_type_hints(cls)[f.name],):
+                if dataclasses.is_dataclass(tp):
+                    walk(tp)
+
+    for cls in SECTIONS.values():
+        walk(cls)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data, objective = section(params, "data"), section(params, "objective")
+    pre = section(params, "pretrain")
+    built = [
+        section(params, "model").spec(data, objective),
+        section(params, "optim").spec(pre.epochs, pre.batch_size),
+        section(params, "finetune").spec(),
+        section(params, "seg_train").spec(),
+    ]
+    assert built[1].epochs == pre.epochs and built[2].blr == params["finetune"]["blr"]
+    assert built[3].poly_power == 0.9  # the one field left at the library's value, by name
+
+    @dataclasses.dataclass(frozen=True)
+    class NewSpec:
+        blr: float = 1.0
+        a_new_knob: int = 3
+
+    with pytest.raises(TypeError, match="NewSpec: no param sets a_new_knob"):
+        spec_of(section(params, "finetune"), NewSpec)
