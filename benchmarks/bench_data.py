@@ -40,10 +40,10 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ijepa.data import find_fashion_mnist, prepare_image_folder, pretrain_loader, pretrain_transform, read_manifest
-from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, _resize_into, decode_array
+from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, decode_array, resize_into
 from ijepa.data.sources import read_fashion_mnist
 from ijepa.data.tario import tar_samples
-from ijepa.data.workers import _shared_uint8
+from ijepa.data.workers import shared_uint8
 
 CROP, BATCH, WORKERS = 224, 64, 2
 SCALING = (1, 2, 4)  # worker processes for the scaling table
@@ -107,11 +107,11 @@ def buffer_ms(repeats: int = 30) -> tuple[float, float]:
     of it: a fresh segment each time (what handing a new tensor to the consumer costs) against one segment
     reused (``BatchSlots``). Medians of ``repeats``."""
     shape = (BATCH, CROP, CROP, 3)
-    reused = _shared_uint8(shape)
+    reused = shared_uint8(shape)
     fresh, again = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _shared_uint8(shape).numpy().fill(1)
+        shared_uint8(shape).numpy().fill(1)
         t1 = time.perf_counter()
         reused.numpy().fill(1)
         t2 = time.perf_counter()
@@ -122,8 +122,8 @@ def buffer_ms(repeats: int = 30) -> tuple[float, float]:
 
 def resize_us(files: list[str], n: int = 400) -> tuple[dict[str, float], float]:
     """Microseconds per crop to resize ``n`` RandomResizedCrop crops (the loader's draws) of the benchmark's
-    images to CROP px, one thread: the loader's ``_resize_into`` against single-pass alternatives; and the
-    share of crops at 2x the output or more along an axis (those ``_resize_into`` halves first)."""
+    images to CROP px, one thread: the loader's ``resize_into`` against single-pass alternatives; and the
+    share of crops at 2x the output or more along an axis (those ``resize_into`` halves first)."""
     import random
 
     import torch.nn.functional as F
@@ -137,7 +137,7 @@ def resize_us(files: list[str], n: int = 400) -> tuple[dict[str, float], float]:
         crops.append(img[top : top + h, left : left + w])
     out = np.empty((CROP, CROP, 3), np.uint8)
     ways = {
-        "ijepa _resize_into (bilinear, halving first at 2x+)": lambda c: _resize_into(c, out),
+        "ijepa resize_into (bilinear, halving first at 2x+)": lambda c: resize_into(c, out),
         "cv2 INTER_LINEAR alone": lambda c: cv2.resize(c, (CROP, CROP), dst=out, interpolation=cv2.INTER_LINEAR),
         "cv2 INTER_AREA": lambda c: cv2.resize(c, (CROP, CROP), dst=out, interpolation=cv2.INTER_AREA),
         "torch uint8 bilinear, antialias": lambda c: F.interpolate(

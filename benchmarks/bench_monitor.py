@@ -24,8 +24,9 @@ from bench_pretrain_step import SETTINGS, VARIANTS, bench
 from ijepa.data import read_manifest
 from ijepa.device import pick_device
 from ijepa.pretrain import build_jepa
+from pipeline.monitoring import build_health_monitor
 from pipeline.params import load_params, section
-from stages.pretrain import SHARDS, _health_monitor
+from stages.pretrain import SHARDS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     step = bench(setting, device, VARIANTS["bf16 (default)"], args.repeats)
     print(fmt(f"training step ({setting['label']})", step))
-    health = _health_monitor(ROOT, manifest, mon, data.crop_size, device, optim.bf16)
+    health = build_health_monitor(ROOT / SHARDS, manifest, mon, data.crop_size, device, optim.bf16)
     # the demo's target encoder, freshly initialised (a trained one costs the same)
     encoder = build_jepa(setting["spec"], seed=0).target_encoder.to(device)
     call = measure(lambda: health(encoder), warmup=1, repeats=max(3, args.repeats // 3))

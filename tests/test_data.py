@@ -341,7 +341,7 @@ def test_pretrain_ranks_hold_equal_images_and_shards_are_drawn_by_size(tmp_path)
     often as any others (drawn by size, not once per shard)."""
     import collections
 
-    from ijepa.data.loaders import _RankShards, rank_pieces
+    from ijepa.data.loaders import RankShards, rank_pieces
 
     urls, counts = ["a.tar", "b.tar", "c.tar"], [1000, 1000, 50]
     pieces = [rank_pieces(urls, counts, r, 2) for r in range(2)]
@@ -349,7 +349,7 @@ def test_pretrain_ranks_hold_equal_images_and_shards_are_drawn_by_size(tmp_path)
     assert pieces[1] == [{"url": "b.tar", "start": 25, "stop": 1000}, {"url": "c.tar", "start": 0, "stop": 50}]
     assert [sum(p["stop"] - p["start"] for p in rank_pieces(urls, counts, r, 3)) for r in range(3)] == [683, 683, 684]
     draws = collections.Counter()
-    for piece in itertools.islice(iter(_RankShards(pieces[1], 1, seed=0, epoch=0)), 20000):
+    for piece in itertools.islice(iter(RankShards(pieces[1], 1, seed=0, epoch=0)), 20000):
         draws[piece["url"]] += 1
     per_image = {u: draws[u] / n for u, n in (("b.tar", 975), ("c.tar", 50))}
     assert 0.85 < per_image["c.tar"] / per_image["b.tar"] < 1.15  # the old rule drew c.tar 19.5x too often
@@ -415,29 +415,29 @@ def test_batch_slots_are_reused_yet_never_overwrite_a_batch_still_held(tmp_path)
 
 
 def test_resize_halves_before_bilinear_where_bilinear_would_alias():
-    from ijepa.data.loaders import _halve, _resize_into
+    from ijepa.data.loaders import halve, resize_into
 
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
     pairs = (src[:, 0:12:2].astype(int) + src[:, 1:12:2] + 1) // 2  # exact means of pixel pairs
-    assert np.array_equal(_halve(src, 1), pairs)
-    assert np.array_equal(_halve(src, 0), (src[0:8:2].astype(int) + src[1:8:2] + 1) // 2)
+    assert np.array_equal(halve(src, 1), pairs)
+    assert np.array_equal(halve(src, 0), (src[0:8:2].astype(int) + src[1:8:2] + 1) // 2)
 
     out = np.empty((16, 16, 3), np.uint8)
     small = rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)  # under 2x: bilinear as it is
-    _resize_into(small, out)
+    resize_into(small, out)
     assert np.array_equal(out, cv2.resize(small, (16, 16), interpolation=cv2.INTER_LINEAR))
 
     stripes = np.zeros((30, 36, 3), np.uint8)  # 1-px vertical stripes, 2.25x wider than the output
     stripes[:, ::2] = 255
-    _resize_into(stripes, out)
+    resize_into(stripes, out)
     plain = cv2.resize(stripes, (16, 16), interpolation=cv2.INTER_LINEAR)
     area = cv2.resize(stripes, (16, 16), interpolation=cv2.INTER_AREA)
     assert plain.std() > 50  # bilinear alone aliases the stripes into bands
     assert out.std() < 2 and abs(float(out.mean()) - float(area.mean())) < 2  # the flat grey INTER_AREA gives
 
     smooth = cv2.GaussianBlur(rng.integers(0, 256, (100, 90, 3), dtype=np.uint8), (0, 0), 3)
-    _resize_into(smooth, out)  # 5-6x in both axes: two 2 x 2 halvings, then bilinear
+    resize_into(smooth, out)  # 5-6x in both axes: two 2 x 2 halvings, then bilinear
     ref = cv2.resize(smooth, (16, 16), interpolation=cv2.INTER_AREA)
     assert np.abs(out.astype(int) - ref).mean() < 1.5
 

@@ -46,13 +46,13 @@ from .workers import (  # noqa: F401 (LoaderStalled, STALL_TIMEOUT, worker_conte
     STALL_TIMEOUT,
     BatchSlots,
     LoaderStalled,
-    _keep,
-    _Recycling,
-    _seed,
-    _tree,
-    _worker,
-    _worker_options,
+    Recycling,
+    keep_batch,
+    map_tree,
+    mix_seed,
     worker_context,
+    worker_info,
+    worker_options,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,7 +81,7 @@ def decode_image(data: bytes, where: str = "sample") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(decode_array(data, where)[:, :, ::-1].transpose(2, 0, 1)))
 
 
-def _halve(src: np.ndarray, axis: int | None) -> np.ndarray:
+def halve(src: np.ndarray, axis: int | None) -> np.ndarray:
     """Half the size along ``axis`` (None: both), each output pixel the mean of the 2 (or 2 x 2) it covers;
     an odd last row or column is dropped."""
     sh, sw = src.shape[:2]
@@ -94,18 +94,18 @@ def _halve(src: np.ndarray, axis: int | None) -> np.ndarray:
     return cv2.resize(src[: sh // 2 * 2], (sw, sh // 2), interpolation=cv2.INTER_LINEAR)
 
 
-def _resize_into(src: np.ndarray, dst: np.ndarray) -> None:
+def resize_into(src: np.ndarray, dst: np.ndarray) -> None:
     # Bilinear, after halving the source (pixel means) while it is 2x or more the output along an axis, as
     # bilinear alone would alias there (below 2x it reads every source pixel anyway); PIL's reducing_gap
     # does the same. OpenCV's INTER_AREA gives close results but costs 6x bilinear over the crops of a
     # 500x375 image (benchmarks/bench_data.py); ImageNet crops reach 2x whenever they are 448 px wide.
     h, w = dst.shape[:2]
     while src.shape[0] >= 2 * h and src.shape[1] >= 2 * w:
-        src = _halve(src, None)
+        src = halve(src, None)
     while src.shape[1] >= 2 * w:
-        src = _halve(src, 1)
+        src = halve(src, 1)
     while src.shape[0] >= 2 * h:
-        src = _halve(src, 0)
+        src = halve(src, 0)
     cv2.resize(src, (w, h), dst=dst, interpolation=cv2.INTER_LINEAR)
 
 
@@ -162,7 +162,7 @@ class PretrainTransform:
     def apply(self, arr: np.ndarray, out: np.ndarray, rng: random.Random) -> None:
         """Write the transformed ``arr`` (H, W, 3) into ``out`` (S, S, 3); both BGR uint8."""
         top, left, h, w = self.crop_params(rng, arr.shape[0], arr.shape[1])
-        _resize_into(arr[top : top + h, left : left + w], out)
+        resize_into(arr[top : top + h, left : left + w], out)
         if self.flip and rng.random() < 0.5:
             cv2.flip(out, 1, dst=out)
         if self._extra is not None:
@@ -182,7 +182,7 @@ class EvalTransform:
         scale = self.resize_size / min(h, w)
         nh, nw = max(self.crop_size, round(h * scale)), max(self.crop_size, round(w * scale))
         resized = np.empty((nh, nw, 3), np.uint8)
-        _resize_into(arr, resized)
+        resize_into(arr, resized)
         top, left = (nh - self.crop_size) // 2, (nw - self.crop_size) // 2
         out[...] = resized[top : top + self.crop_size, left : left + self.crop_size]
 
@@ -259,7 +259,7 @@ def rank_pieces(urls: Sequence[str], counts: Sequence[int], rank: int, world_siz
     return pieces
 
 
-class _RankShards(torch.utils.data.IterableDataset):
+class RankShards(torch.utils.data.IterableDataset):
     """Infinite stream of this rank's pieces of shards, resampled with replacement per worker, each with
     probability proportional to its number of samples."""
 
@@ -270,7 +270,7 @@ class _RankShards(torch.utils.data.IterableDataset):
         self.rank, self.seed, self.epoch = rank, seed, epoch
 
     def __iter__(self) -> Iterator[dict]:
-        rng = random.Random(_seed("shards", self.seed, self.epoch, self.rank, _worker()[0]))
+        rng = random.Random(mix_seed("shards", self.seed, self.epoch, self.rank, worker_info()[0]))
         while True:
             yield from rng.choices(self.pieces, weights=self.weights, k=64)
 
@@ -281,7 +281,7 @@ def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, init
     Starts yielding once ``initial`` samples are buffered and grows the buffer to ``bufsize`` by reading
     two samples per one yielded, so an epoch does not begin by reading a whole buffer.
     """
-    rng = random.Random(_seed("samples", seed, epoch, rank, _worker()[0]))
+    rng = random.Random(mix_seed("samples", seed, epoch, rank, worker_info()[0]))
     it = iter(src)
     buf: list = []
     for sample in it:
@@ -298,7 +298,7 @@ def _shuffle(src: Iterator, bufsize: int, seed: int, epoch: int, rank: int, init
     yield from buf
 
 
-def _image_bytes(sample: dict) -> tuple[bytes, str]:
+def image_bytes(sample: dict) -> tuple[bytes, str]:
     data = sample.get("jpg", sample.get("png"))
     where = f"key {sample.get('__key__')} in {sample.get('__url__')}"
     if data is None:
@@ -309,7 +309,7 @@ def _image_bytes(sample: dict) -> tuple[bytes, str]:
 def _decode_batch(samples: Sequence[dict], transform, rng: random.Random | None, out: torch.Tensor | None):
     """``build_batch`` of the samples' images, each decoded just before its transform: the decoded image
     (0.56 MB at 500 x 375) is still in the CPU cache when it is cropped, and a batch never holds 64 of them."""
-    images = (decode_array(*_image_bytes(s)) for s in samples)
+    images = (decode_array(*image_bytes(s)) for s in samples)
     return build_batch(images, transform, rng, out, count=len(samples))
 
 
@@ -318,7 +318,7 @@ def _pretrain_batches(
 ):
     """Worker stage: ``(slot tag, batch)`` of full batches ``((images, labels), masks_enc, masks_pred)`` (no
     masks without collator); images go into ``slots`` in a worker process."""
-    rng = random.Random(_seed("crops", seed, epoch, rank, _worker()[0]))
+    rng = random.Random(mix_seed("crops", seed, epoch, rank, worker_info()[0]))
     in_worker = get_worker_info() is not None
     size = transform.crop_size
     while True:
@@ -331,7 +331,7 @@ def _pretrain_batches(
             yield tag, batch
         else:
             masks = collator.sample(batch_size, collator.next_step())
-            yield tag, (batch, *_tree(masks, lambda t: t.numpy() if isinstance(t, torch.Tensor) else t))
+            yield tag, (batch, *map_tree(masks, lambda t: t.numpy() if isinstance(t, torch.Tensor) else t))
 
 
 def _first(batch) -> torch.Tensor:
@@ -384,7 +384,7 @@ def pretrain_loader(
         raise ValueError(f"rank {rank} of {world_size} holds fewer images than one batch of {batch_size}")
     slots = BatchSlots(num_workers, name=name, stall_timeout=stall_timeout)
     pipeline = wds.DataPipeline(
-        _RankShards(pieces, rank, seed, epoch),
+        RankShards(pieces, rank, seed, epoch),
         tar_samples,
         functools.partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch, rank=rank),
         functools.partial(
@@ -398,18 +398,18 @@ def pretrain_loader(
             slots=slots,
         ),
     )
-    base = _seed("worker", seed, epoch, rank)
+    base = mix_seed("worker", seed, epoch, rank)
     if num_workers == 0:
         torch.manual_seed(base % 2**63)
     loader = wds.WebLoader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
-        collate_fn=_keep,
+        collate_fn=keep_batch,
         persistent_workers=False,
-        **_worker_options(num_workers, base, slots),
+        **worker_options(num_workers, base, slots),
     )
-    return _Recycling(loader.with_epoch(batches_per_epoch), slots, _pretrain_images)
+    return Recycling(loader.with_epoch(batches_per_epoch), slots, _pretrain_images)
 
 
 class _EvalBatches(torch.utils.data.IterableDataset):
@@ -423,7 +423,7 @@ class _EvalBatches(torch.utils.data.IterableDataset):
 
     def _mine(self) -> Iterator[dict]:
         readers = self.world_size * self.num_workers
-        me = self.rank * self.num_workers + _worker()[0]
+        me = self.rank * self.num_workers + worker_info()[0]
         by_shard = len(self.urls) >= readers
         urls = self.urls[me::readers] if by_shard else self.urls
         samples = tar_samples({"url": u} for u in urls)
@@ -465,10 +465,10 @@ def eval_loader(
         ds,
         batch_size=None,
         num_workers=num_workers,
-        collate_fn=_keep,
-        **_worker_options(num_workers, 0, slots),
+        collate_fn=keep_batch,
+        **worker_options(num_workers, 0, slots),
     )
-    return _Recycling(loader, slots, _first)
+    return Recycling(loader, slots, _first)
 
 
 def read_images(urls: Sequence[str], keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -476,7 +476,7 @@ def read_images(urls: Sequence[str], keys: Sequence[str]) -> dict[str, torch.Ten
     wanted, found = set(keys), {}
     for sample in tar_samples({"url": u} for u in urls):
         if sample["__key__"] in wanted:
-            found[sample["__key__"]] = decode_image(*_image_bytes(sample))
+            found[sample["__key__"]] = decode_image(*image_bytes(sample))
             if len(found) == len(wanted):
                 break
     missing = wanted - set(found)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .loaders import _image_bytes, build_batch, decode_array, pretrain_loader
+from .loaders import build_batch, decode_array, image_bytes, pretrain_loader
 from .tario import tar_samples
-from .workers import STALL_TIMEOUT, _seed
+from .workers import STALL_TIMEOUT, mix_seed
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def decode_split(
     images, labels, keys, total = [], [], [], 0
     samples = tar_samples({"url": u} for u in urls)
     for sample in itertools.islice(samples, limit):
-        arr = decode_array(*_image_bytes(sample))
+        arr = decode_array(*image_bytes(sample))
         total += arr.nbytes
         if total > max_bytes:
             raise SplitTooLarge(
@@ -106,13 +106,13 @@ def memory_batches(
     if len(mine) < batch_size:
         raise ValueError(f"rank {rank} holds {len(mine)} images, fewer than one batch of {batch_size}")
     needed = batches_per_epoch * batch_size
-    perm_rng = np.random.default_rng(_seed("memory-perm", seed, epoch, rank))
+    perm_rng = np.random.default_rng(mix_seed("memory-perm", seed, epoch, rank))
     order = np.concatenate([perm_rng.permutation(mine) for _ in range(-(-needed // len(mine)))])
     for i in range(start, batches_per_epoch):
         idx = order[i * batch_size : (i + 1) * batch_size]
-        rng = random.Random(_seed("memory-crops", seed, epoch, rank, i))
+        rng = random.Random(mix_seed("memory-crops", seed, epoch, rank, i))
         with torch.random.fork_rng(devices=[]):  # colour, blur and RandAugment draw from torch's RNG
-            torch.manual_seed(_seed("memory-torch", seed, epoch, rank, i) % 2**63)
+            torch.manual_seed(mix_seed("memory-torch", seed, epoch, rank, i) % 2**63)
             images = build_batch([split.images[j] for j in idx], transform, rng)
         batch = (images, split.labels[idx])
         if collator is None:

@@ -103,11 +103,11 @@ def _proc_state(pid: int) -> str:
     return f"{state}, {cpu:.1f} s CPU"
 
 
-def _seed(*parts) -> int:
+def mix_seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
 
-def _worker() -> tuple[int, int]:
+def worker_info() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
@@ -142,17 +142,17 @@ class BatchSlots:
     def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """In a worker: a uint8 shared-memory buffer of ``shape`` and its (worker, slot) tag (None: a fresh
         buffer outside the pool, every slot being held)."""
-        worker = _worker()[0]
+        worker = worker_info()[0]
         self.progress[worker, 1] += 1
         self.progress[worker, 2] = time.time()
         row = self.flags[worker].numpy()
         free = np.flatnonzero(row == 0)
         if len(free) == 0:
-            return _shared_uint8(shape), None
+            return shared_uint8(shape), None
         slot = int(free[0])
         buf = self._buffers.get(slot)
         if buf is None or tuple(buf.shape) != shape:
-            buf = self._buffers[slot] = _shared_uint8(shape)
+            buf = self._buffers[slot] = shared_uint8(shape)
         row[slot] = 1
         return buf, (worker, slot)
 
@@ -173,7 +173,7 @@ class BatchSlots:
             if tag is not None:
                 held.append((tag, StorageWeakRef(images(batch).untyped_storage())))
                 self.pooled += 1
-            yield _tree(batch, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
+            yield map_tree(batch, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a)
 
     def _stall_checked(self, loader: Iterable) -> Iterator:
         it = iter(loader)
@@ -211,25 +211,25 @@ class BatchSlots:
         )
 
 
-def _tree(obj, fn: Callable):
+def map_tree(obj, fn: Callable):
     """``fn`` applied to every leaf of nested tuples and lists."""
     if isinstance(obj, tuple | list):
-        return type(obj)(_tree(o, fn) for o in obj)
+        return type(obj)(map_tree(o, fn) for o in obj)
     return fn(obj)
 
 
-def _keep(batch):
+def keep_batch(batch):
     """``collate_fn`` of the loaders: batches leave the workers as built (torch's default would turn the
     numpy labels and masks into tensors, each then sent through its own shared-memory segment)."""
     return batch
 
 
-def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-class _Recycling:
+class Recycling:
     """Re-iterable consumer side of a loader whose workers yield ``(tag, batch)`` (``BatchSlots``)."""
 
     def __init__(self, loader, slots: BatchSlots, images: Callable[[Any], torch.Tensor]):
@@ -242,10 +242,10 @@ class _Recycling:
 def _seed_worker(worker_id: int, base: int, slots: BatchSlots) -> None:
     slots.started(worker_id)
     cv2.setNumThreads(1)  # one thread per worker: the workers are the parallelism
-    torch.manual_seed(_seed("torch", base, worker_id) % 2**63)
+    torch.manual_seed(mix_seed("torch", base, worker_id) % 2**63)
 
 
-def _worker_options(num_workers: int, base: int, slots: BatchSlots) -> dict:
+def worker_options(num_workers: int, base: int, slots: BatchSlots) -> dict:
     """DataLoader arguments shared by the loaders: the fork server, the stall timeout and worker seeding."""
     if num_workers == 0:
         return {}
