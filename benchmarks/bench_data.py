@@ -40,9 +40,9 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from ijepa.data import find_fashion_mnist, prepare_image_folder, pretrain_loader, pretrain_transform, read_manifest
-from ijepa.data.loaders import IMAGENET_MEAN, IMAGENET_STD, Normalize, decode_array, resize_into
 from ijepa.data.sources import read_fashion_mnist
 from ijepa.data.tario import tar_samples
+from ijepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, decode_array, resize_into
 from ijepa.data.workers import shared_uint8
 
 CROP, BATCH, WORKERS = 224, 64, 2

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ijepa.data import find_fashion_mnist, prepare_fashion_mnist, pretrain_transform, shard_urls
-from ijepa.data.loaders import Normalize
 from ijepa.data.memory import decode_split, epoch_batches
+from ijepa.data.transforms import Normalize
 from ijepa.engine import build_optimizer, train_epoch
 from ijepa.masks import MultiBlockMaskCollator
 from ijepa.pretrain import ModelSpec, build_jepa

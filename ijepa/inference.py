@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from .data.loaders import EvalTransform, Normalize, build_batch
+from .data.transforms import EvalTransform, Normalize, build_batch
 from .device import pick_device
 from .errors import ImageReadError
 from .finetune import Preprocess, load_classifier

@@ -53,7 +53,7 @@ class HealthMonitor:
         bank: (N, H, W, 3) uint8 BGR training images (as the loaders give them), ``bank_labels`` (N,).
         queries: (M, H, W, 3) validation images, ``query_labels`` (M,).
         num_classes: C for the k-NN vote.
-        prepare: loader images -> model input on ``device`` (``ijepa.data.loaders.Normalize``).
+        prepare: loader images -> model input on ``device`` (``ijepa.data.transforms.Normalize``).
         device: where the encoder runs; bf16: autocast as in training.
         k: neighbours; batch_size: images per forward pass.
     """

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class _Served(nn.Module):

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ijepa.data.loaders import eval_loader, eval_transform
+from ijepa.data.loaders import eval_loader
+from ijepa.data.transforms import eval_transform
 from ijepa.serving import served
 
 from .context import StageContext

@@ -10,8 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ijepa.data import eval_transform, shard_urls
-from ijepa.data.loaders import Normalize, build_batch
 from ijepa.data.memory import DecodedSplit, decode_split
+from ijepa.data.transforms import Normalize, build_batch
 from ijepa.monitor import CollapseError, HealthMonitor
 
 from .outputs import StepCSV, plot_series, text_figure

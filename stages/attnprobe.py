@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ijepa.data import eval_loader, eval_transform, labelled_splits, pretrain_loader, read_manifest, shard_urls
-from ijepa.data.loaders import Normalize
+from ijepa.data.transforms import Normalize
 from ijepa.distributed import any_rank
 from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.attentive_stream import train_attentive_probes_streaming

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ijepa.data import eval_loader, eval_transform, labelled_splits, read_manifest, shard_urls
-from ijepa.data.loaders import Normalize
+from ijepa.data.transforms import Normalize
 from ijepa.distributed import gather_to_main
 from ijepa.eval.features import extract_features, frozen_encoders, merge_features, save_features
 from pipeline.distributed import distributed_stage

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from ijepa.checkpoint import load_encoder
 from ijepa.data import eval_loader, eval_transform, labelled_splits, pretrain_transform, read_manifest, shard_urls
-from ijepa.data.loaders import Normalize
 from ijepa.data.memory import decode_split, epoch_batches, memory_eval_batches
+from ijepa.data.transforms import Normalize
 from ijepa.distributed import any_rank, barrier, ddp
 from ijepa.finetune import (
     Classifier,

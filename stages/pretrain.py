@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from ijepa.checkpoint import load_checkpoint_meta, load_encoder
 from ijepa.data import pretrain_transform, read_manifest, shard_urls
-from ijepa.data.loaders import Normalize
 from ijepa.data.memory import decode_split, epoch_batches
+from ijepa.data.transforms import Normalize
 from ijepa.distributed import all_reduce_mean, any_rank, wrap_ddp
 from ijepa.pretrain import pretrain
 from pipeline import preemption

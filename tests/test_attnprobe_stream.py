@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ijepa.data import eval_loader, eval_transform, prepare_image_folder, pretrain_loader, read_manifest, shard_urls
-from ijepa.data.loaders import Normalize
+from ijepa.data.transforms import Normalize
 from ijepa.distributed import shutdown
 from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.attentive_stream import batch_tokens, train_attentive_probes_streaming

@@ -28,16 +28,9 @@ from ijepa.data import (
     read_manifest,
     shard_urls,
 )
-from ijepa.data.loaders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LoaderStalled,
-    Normalize,
-    build_batch,
-    decode_image,
-    to_rgb_uint8,
-)
+from ijepa.data.loaders import LoaderStalled
 from ijepa.data.shards import SplitTooSmall
+from ijepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_batch, decode_image, to_rgb_uint8
 from ijepa.errors import UserError
 from ijepa.masks import MultiBlockMaskCollator
 
@@ -415,7 +408,7 @@ def test_batch_slots_are_reused_yet_never_overwrite_a_batch_still_held(tmp_path)
 
 
 def test_resize_halves_before_bilinear_where_bilinear_would_alias():
-    from ijepa.data.loaders import halve, resize_into
+    from ijepa.data.transforms import halve, resize_into
 
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)

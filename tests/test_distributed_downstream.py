@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ijepa.data.loaders import Normalize
+from ijepa.data.transforms import Normalize
 from ijepa.distributed import ddp, shutdown
 from ijepa.finetune import Classifier, FinetuneSpec, Preprocess, fit_head, load_classifier, train_classifier
 from ijepa.models.vit import VisionTransformer

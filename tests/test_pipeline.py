@@ -124,7 +124,7 @@ SERVE = """
 import json, sys
 import mlflow.pyfunc, numpy as np
 from mlflow.tracking import MlflowClient
-from ijepa.data.loaders import EvalTransform, build_batch
+from ijepa.data.transforms import EvalTransform, build_batch
 from ijepa.finetune import load_classifier
 from ijepa.inference import read_bgr
 files = sys.argv[1:]
@@ -197,7 +197,7 @@ def post(port: int, body: str) -> tuple[int, dict]:
 def test_make_serve_answers_like_ijepa_classify_and_refuses_bad_requests(repo, classified):
     """`make serve` (MLflow's server on loopback) serves the registered classifier: real images in, the classes
     `ijepa classify` gives out; malformed requests get a 400 with the reason, and the server keeps serving."""
-    from ijepa.data.loaders import EvalTransform, build_batch
+    from ijepa.data.transforms import EvalTransform, build_batch
     from ijepa.finetune import load_classifier
     from ijepa.inference import read_bgr
 

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .loaders import build_batch, decode_array, image_bytes, pretrain_loader
+from .loaders import image_bytes, pretrain_loader
 from .tario import tar_samples
+from .transforms import build_batch, decode_array
 from .workers import STALL_TIMEOUT, mix_seed
 
 

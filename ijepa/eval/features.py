@@ -70,7 +70,7 @@ def extract_features(
     Args:
         encoders: name -> encoder in eval mode on ``device``; all see the very same batches.
         batches: (images as the loader gives them, labels (B,), keys) — e.g. ``ijepa.data.eval_loader``.
-        prepare: loader images -> model input on ``device`` (``ijepa.data.loaders.Normalize``).
+        prepare: loader images -> model input on ``device`` (``ijepa.data.transforms.Normalize``).
         bf16: bf16 autocast (CUDA or CPU).
         pixel_size: also return "pixels": the normalised input average-pooled to this side, flattened.
         tokens: also return every encoder's last-layer "tokens" (N, L, D) and the pixels' patches (N, L, 3 p^2)

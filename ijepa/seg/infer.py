@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.loaders import Normalize
+from ..data.transforms import Normalize
 from ..device import autocast, pick_device
 from ..errors import ImageReadError, UsageError, VideoError
 from ..images import MAX_PIXELS, list_images, read_bgr, refuse_inside

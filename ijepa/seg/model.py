@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_save, load_state_strict, read_checkpoint
-from ..data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.vit import VisionTransformer
 from .data import SegClasses
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.loaders import Normalize
+from ..data.transforms import Normalize
 from ..device import autocast
 from ..distributed import all_reduce_mean, broadcast_buffers, ddp
 from ..engine import NonFiniteLossError
