@@ -27,12 +27,11 @@ from pipeline import preemption
 from pipeline.distributed import distributed_stage
 from pipeline.outputs import ENCODER_COLORS, new_figure, save_figure, text_figure, write_json
 from pipeline.params import ParamError, section
-from pipeline.resume import RESUME_DIR, file_key, run_key, shards_key
+from pipeline.resume import EpochState, file_key, run_key, shards_key
 from pipeline.stage import main
 
 SECTIONS = ("seed", "attnprobe", "extract", "tracking")
 FEATURES, SHARDS = Path("data/features"), Path("data/shards")
-RESUME = RESUME_DIR / "attnprobe.pt"  # the streaming path's probes after each epoch (removed at the end)
 ENCODERS = ("pretrained", "random_init", "pixels")
 
 
@@ -74,7 +73,7 @@ def _cached(root: Path, p, seed: int, device) -> dict:
     return results
 
 
-def _streamed(params: dict, ctx, p, ex, seed: int, device) -> dict | None:
+def _streamed(params: dict, ctx, p, ex, seed: int, device) -> tuple[dict | None, EpochState]:
     """Every encoder's probes on tokens computed from the shards (None: stopped for a preemption)."""
     manifest = read_manifest(ctx.root / SHARDS)
     train = manifest["splits"]["train"]
@@ -94,6 +93,7 @@ def _streamed(params: dict, ctx, p, ex, seed: int, device) -> dict | None:
         params, ("seed", "attnprobe", "extract"), world_size=ctx.world_size, train=shards_key(train),
         checkpoint=file_key(ckpt),
     )  # fmt: skip
+    state = EpochState(ctx.root, "attnprobe", key, is_main=ctx.is_main)
     bar = tqdm(total=steps * p.epochs, desc="attnprobe (streaming)", mininterval=5, disable=not ctx.is_main)
     try:
         return train_attentive_probes_streaming(
@@ -110,10 +110,10 @@ def _streamed(params: dict, ctx, p, ex, seed: int, device) -> dict | None:
             eval_splits=[s for s in ("val", "test") if s in urls],
             prepare=lambda x: normalize(x, device), num_classes=len(manifest["classes"]), lrs=p.lrs,
             steps_per_epoch=steps, num_heads=p.num_heads, epochs=p.epochs, weight_decay=p.weight_decay,
-            warmup_epochs=p.warmup_epochs, seed=seed, device=device, bf16=ex.bf16, state_path=ctx.root / RESUME,
-            state_key=key, should_stop=lambda: any_rank(preemption.requested(), device), is_main=ctx.is_main,
+            warmup_epochs=p.warmup_epochs, seed=seed, device=device, bf16=ex.bf16, state=state,
+            should_stop=lambda: any_rank(preemption.requested(), device),
             progress=lambda step: bar.update(1),
-        )  # fmt: skip
+        ), state  # fmt: skip
     finally:
         bar.close()
 
@@ -126,18 +126,18 @@ def run(params: dict, ctx, tracker, device) -> dict:
             write_json(ctx.root / "metrics/attnprobe.json", {"enabled": False})
             text_figure(ctx.root / "plots/attnprobe.png", "attentive probe not run (attnprobe.enabled: false)")
         return {"enabled": 0}
+    state = None
     if ex.tokens:  # the cache holds every split: one process trains on it
         if not ctx.is_main:
             return {"world_size": ctx.world_size}
         results = _cached(ctx.root, p, seed, device)
     else:
-        results = _streamed(params, ctx, p, ex, seed, device)
+        results, state = _streamed(params, ctx, p, ex, seed, device)
         if results is None:
-            print(f"attnprobe: stopped; {RESUME} resumes from the last finished epoch", flush=True)
+            print(f"attnprobe: stopped; {state.path} resumes from the last finished epoch", flush=True)
             return {"stopped": True}
         if not ctx.is_main:
             return {"world_size": ctx.world_size}
-        (ctx.root / RESUME).unlink(missing_ok=True)
     best = results["pretrained"]
     metrics = {
         "top1": best["test_top1"],
@@ -151,6 +151,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
     }
     write_json(ctx.root / "metrics/attnprobe.json", metrics | {"table": {n: r["table"] for n, r in results.items()}})
     tracker.log_artifact(_plot(results, ctx.root / "plots/attnprobe.png"), "plots")
+    if state is not None:  # the outputs are written: the streaming run's state goes
+        state.finish()
     return {k: v for k, v in metrics.items() if k not in ("best_head", "tokens")}
 
 

@@ -17,6 +17,7 @@ from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.attentive_stream import batch_tokens, train_attentive_probes_streaming
 from ijepa.eval.features import extract_features
 from ijepa.models.vit import VisionTransformer
+from pipeline.resume import RESUME_DIR, EpochState
 
 from .helpers import free_port, join_gloo, make_folder
 
@@ -88,18 +89,23 @@ def test_streamed_tokens_are_the_cache_s_and_the_probes_agree(tmp_path):
 
 
 def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path):
-    out = shards(tmp_path)
-    whole = streamed(out, state_path=tmp_path / "whole.pt", state_key="k")
-    stopped = streamed(out, state_path=tmp_path / "resume.pt", state_key="k", should_stop=lambda: True)
+    """The streaming probe takes the stages' one resume policy (``pipeline.resume.EpochState``): a stopped run
+    resumes bit-exact; a state saved under other params is set aside, never resumed from nor overwritten."""
+    out, saved = shards(tmp_path), tmp_path / RESUME_DIR
+    whole = streamed(out, state=EpochState(tmp_path, "whole", "k"))
+    stopped = streamed(out, state=EpochState(tmp_path, "resume", "k"), should_stop=lambda: True)
     assert stopped is None  # stopped after the first epoch, its probes saved
-    assert torch.load(tmp_path / "resume.pt", weights_only=True)["epochs_done"] == 1
-    resumed = streamed(out, state_path=tmp_path / "resume.pt", state_key="k")
+    assert torch.load(saved / "resume.pt", weights_only=True)["state"]["epochs_done"] == 1
+    resumed = streamed(out, state=EpochState(tmp_path, "resume", "k"))
     assert resumed == whole  # bit-exact on the CPU
-    a, b = (torch.load(tmp_path / f, weights_only=True)["probes"] for f in ("whole.pt", "resume.pt"))
+    a, b = (torch.load(saved / f, weights_only=True)["state"]["probes"] for f in ("whole.pt", "resume.pt"))
     for (pa, _), (pb, _) in zip(a["pretrained"], b["pretrained"], strict=True):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    # another key (other params, checkpoint or shards): the file is not resumed from
-    assert streamed(out, state_path=tmp_path / "resume.pt", state_key="other", epochs=1) == streamed(out, epochs=1)
+    # another key (other params, checkpoint or shards): the file is set aside as it was, and training starts over
+    before = (saved / "resume.pt").read_bytes()
+    assert streamed(out, state=EpochState(tmp_path, "resume", "other"), epochs=1) == streamed(out, epochs=1)
+    stale = list(saved.glob("resume.pt.stale-*"))
+    assert len(stale) == 1 and stale[0].read_bytes() == before
     assert streamed(out, epochs=1) != whole
 
 
@@ -124,8 +130,8 @@ def _fixed_batches(rank: int, world: int, out: Path) -> dict:
         encoders(),
         train_batches=lambda epoch: ((images[s, mine], labels[s, mine]) for s in range(3)),
         eval_batches=lambda split: [(val[0][rank::world], val[1][rank::world], [])],
-        eval_splits=["val"], prepare=Normalize(), num_classes=3, steps_per_epoch=3, state_path=out / "state.pt",
-        is_main=rank == 0, **PROBE | {"epochs": 2},
+        eval_splits=["val"], prepare=Normalize(), num_classes=3, steps_per_epoch=3,
+        state=EpochState(out, "state", "k", is_main=rank == 0), **PROBE | {"epochs": 2},
     )  # fmt: skip
 
 
@@ -140,8 +146,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for name in ("pretrained", "pixels"):
         for a, b in zip(ranks[0][name]["table"], single[name]["table"], strict=True):
             assert a["val_top1"] == b["val_top1"]
-    a = torch.load(tmp_path / "ddp/state.pt", weights_only=True)["probes"]
-    b = torch.load(tmp_path / "one/state.pt", weights_only=True)["probes"]
+    a, b = (
+        torch.load(tmp_path / d / RESUME_DIR / "state.pt", weights_only=True)["state"]["probes"] for d in ("ddp", "one")
+    )
     for name in a:
         for (pa, _), (pb, _) in zip(a[name], b[name], strict=True):
             for k in pa:

@@ -11,21 +11,20 @@ not to the bit.
 
 Distributed: each rank trains on its share of every global batch; the probes' gradients are averaged over
 ranks before each step (every rank then holds the same probes), and evaluation counts are summed.
-Resumable: after every epoch the probes and optimisers are saved (``state_path``, with a key of everything
-that fixes the run); a rerun with the same key continues from the last finished epoch, bit-exact on the CPU,
-since every epoch's stream is fixed by (seed, epoch, rank).
+Resumable: after every epoch the probes and optimisers go to ``state`` (the same object the finetuning and
+segmentation loops take: ``pipeline.resume.EpochState`` keys it by everything that fixes the run and sets a
+state of other params aside); a rerun continues from the last finished epoch, bit-exact on the CPU, since every
+epoch's stream is fixed by (seed, epoch, rank).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_save, read_checkpoint
 from ..device import autocast
 from ..distributed import all_reduce_sum
 from ..models.vit import VisionTransformer
@@ -77,10 +76,8 @@ def train_attentive_probes_streaming(
     seed: int = 0,
     device: torch.device | None = None,
     bf16: bool = False,
-    state_path: str | Path | None = None,
-    state_key: str = "",
+    state=None,
     should_stop: Callable[[], bool] = lambda: False,
-    is_main: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict] | None:
     """Train one attentive probe per (encoder, lr) on tokens computed batch by batch; pick each encoder's
@@ -96,9 +93,9 @@ def train_attentive_probes_streaming(
         prepare: loader images -> normalised model input on ``device``.
         num_classes, lrs, num_heads, epochs, weight_decay, warmup_epochs, seed: as ``train_attentive_probe``.
         bf16: bf16 autocast for the encoders.
-        state_path, state_key: the resume file and what it must hold to be resumed (else training starts over).
+        state: where the probes are saved after every epoch and resumed from (``load() -> dict | None``,
+            ``save(dict)``; ``pipeline.resume.EpochState``), or None.
         should_stop: asked after every epoch (agreed across ranks); True saves, then returns None.
-        is_main: this rank writes the resume file.
         progress: called with the number of steps done after each step.
     Returns:
         name -> ``train_attentive_probe``'s result, or None when stopped by ``should_stop``.
@@ -111,7 +108,7 @@ def train_attentive_probes_streaming(
         n: [new_probe(dims[n], num_classes, heads[n], lr, weight_decay, seed, device) for lr in lrs] for n in encoders
     }
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    start = _resume(probes, state_path, state_key)
+    start = _restore(probes, state.load() if state is not None else None)
     step = start * steps_per_epoch
     for epoch in range(start, epochs):
         for name_probes in probes.values():
@@ -135,9 +132,9 @@ def train_attentive_probes_streaming(
                 progress(step)
         if step != (epoch + 1) * steps_per_epoch:
             raise RuntimeError(f"epoch {epoch} gave {step - epoch * steps_per_epoch} batches, not {steps_per_epoch}")
-        if state_path is not None and is_main:
-            state = {n: [(p.state_dict(), o.state_dict()) for p, o in v] for n, v in probes.items()}
-            atomic_save({"key": state_key, "epochs_done": epoch + 1, "probes": state}, state_path)
+        if state is not None:
+            saved = {n: [(p.state_dict(), o.state_dict()) for p, o in v] for n, v in probes.items()}
+            state.save({"epochs_done": epoch + 1, "probes": saved})
         if epoch + 1 < epochs and should_stop():
             return None
     hits = _evaluate(probes, encoders, eval_batches, eval_splits, prepare, patch, device, bf16)
@@ -186,12 +183,9 @@ def _evaluate(probes, encoders, eval_batches, splits, prepare, patch, device, bf
     return out
 
 
-def _resume(probes: dict, state_path: str | Path | None, key: str) -> int:
-    """Load the probes and optimisers of a resume file with this ``key``: the epochs it finished (else 0)."""
-    if state_path is None or not Path(state_path).is_file():
-        return 0
-    state = read_checkpoint(state_path, what="attentive-probe resume file", keys=("key", "epochs_done", "probes"))
-    if state["key"] != key:
+def _restore(probes: dict, state: dict | None) -> int:
+    """Load the probes and optimisers of a saved state: the epochs it finished (0 without one)."""
+    if state is None:
         return 0
     for name, saved in state["probes"].items():
         for (probe, opt), (p_state, o_state) in zip(probes[name], saved, strict=True):
