@@ -52,3 +52,29 @@ def test_every_committed_grid_names_its_recipe_in_params_that_exist(path):
 
 def test_a_variant_overrides_the_grids_common_recipe_key_by_key():
     assert overrides(["a.x=1", "a.y=2"], ["a.y=3", "b=4"]) == ["a.x=1", "a.y=3", "b=4"]
+
+
+def _exp(name: str, steps: int, top1: float) -> dict:
+    metrics = {
+        "metrics/pretrain.json": {"steps": steps, "final_rankme": 20.0, "final_knn_top1": 0.6},
+        "metrics/linprobe.json": {"top1": top1, "random_init_top1": 0.75, "pixels_top1": 0.83},
+        "metrics/knn.json": {"top1": {"k10": top1 - 0.1}, "random_init_top1": {"k10": 0.5}},
+    }
+    return {"revs": [{"name": name, "data": {"metrics": {p: {"data": d} for p, d in metrics.items()}}}]}
+
+
+def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
+    """plot_curve groups a grid's experiments by variant (mean +- sd over seeds), prints what it draws, and
+    draws the protocols it has (empty panels for stages the runs lack)."""
+    from scripts.plot_curve import plot, rows_by_variant, table
+
+    grid = {"prefix": "curve", "variants": {"x1": [], "x2": [], "x8": []}}
+    runs = [("curve-x1-s0", 100, 0.80), ("curve-x2-s0", 200, 0.82), ("curve-x2-s1", 200, 0.84), ("other-x2-s0", 1, 0)]
+    show = [{"rev": "abc", "experiments": [_exp(*r) for r in runs]}]
+    rows = rows_by_variant(grid, show)
+    assert list(rows) == ["x1", "x2"] and len(rows["x2"]) == 2
+    lines = table(rows).splitlines()
+    assert lines[2].startswith("| x1 | 1 | 100 | 80.0 | 70.0 |")
+    assert lines[3].startswith("| x2 | 2 | 200 | 83.0 +- 1.4 | 73.0 +- 1.4 |")
+    assert "| linear rand | 3 | 75.0 +- 0.0 |" in lines and "| seg rand | 0 |  |" in lines
+    assert plot(rows, tmp_path / "curve.png").stat().st_size > 10_000

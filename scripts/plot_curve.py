@@ -1,0 +1,109 @@
+"""The compute curve of docs/results.md: each protocol's test result against pretraining steps (log scale), with
+the random-init and raw-pixel results of the same protocol as flat lines, and the health monitor's end values.
+
+Reads the experiments a grid ran (``make study GRID=scripts/study_curve.yaml ARGS=--in-place``), groups them by
+variant (mean and sample sd over the variant's seeds, error bars where there are several), prints the curve's
+table and draws the figure:
+
+    python scripts/plot_curve.py scripts/study_curve.yaml [--out docs/compute_curve.png] [-A]
+
+A baseline does not depend on pretraining (the random-init encoder and the pixels are drawn and fitted the
+same way at every length), so its line is the mean over every run of the study, its band one sd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.outputs import new_figure, save_figure  # noqa: E402
+from scripts.experiments import dvc_command, exp_show, finished, mean_sd, values  # noqa: E402
+from scripts.recipe_study import load_grid  # noqa: E402
+
+PANELS = [  # (title, pretrained metric, {baseline label: metric})
+    ("linear probe", "linear", {"random init": "linear rand", "pixels": "linear pixels"}),
+    ("k-NN (k = 10)", "k-NN", {"random init": "k-NN rand"}),
+    ("attentive probe", "attentive", {"random init": "attentive rand", "pixels": "attentive pixels"}),
+    ("1% of the labels", "1%", {"random init": "1% rand", "pixels": "1% pixels"}),
+    ("1 image per class", "1-shot", {"random init": "1-shot rand", "pixels": "1-shot pixels"}),
+    ("finetuning", "finetune", {"random init": "finetune rand"}),
+    ("segmentation (mIoU)", "seg mIoU", {"random init": "seg rand"}),
+]
+HEALTH = [("RankMe (end)", "RankMe"), ("online k-NN (end)", "online k-NN")]
+METRICS = sorted({m for _, p, b in PANELS for m in (p, *b.values())} | {m for _, m in HEALTH} | {"steps"})
+
+
+def rows_by_variant(grid: dict, show: list[dict]) -> dict[str, list[dict]]:
+    """variant -> one dict of METRICS per finished experiment ``<prefix>-<variant>-s<seed>``."""
+    runs = dict(finished(show))
+    out = {}
+    for variant in grid["variants"]:
+        start = f"{grid['prefix']}-{variant}-s"
+        rows = [values(rev["data"], [(m, m) for m in METRICS]) for name, rev in runs.items() if name.startswith(start)]
+        if rows:
+            out[variant] = rows
+    return out
+
+
+def table(rows: dict[str, list[dict]]) -> str:
+    columns = ["steps", *(m for _, m, _ in PANELS), *(m for _, m in HEALTH)]
+    lines = ["| variant | seeds | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    for variant, rs in rows.items():
+        cells = [f"{statistics.mean(r['steps'] for r in rs):.0f}"]  # the same at every seed
+        cells += [mean_sd([r[c] for r in rs]) for c in columns[1:]]
+        lines.append(f"| {variant} | {len(rs)} | " + " | ".join(cells) + " |")
+    base = sorted({m for _, _, b in PANELS for m in b.values()})
+    every = [r for rs in rows.values() for r in rs]
+    lines += ["", "| baseline (every run) | runs | mean +- sd |", "|---|---|---|"]
+    lines += [f"| {m} | {sum(r[m] is not None for r in every)} | {mean_sd([r[m] for r in every])} |" for m in base]
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, list[dict]], out: Path) -> Path:
+    fig, axes = new_figure(3, 3, (13, 11))
+    every = [r for rs in rows.values() for r in rs]
+    steps = [statistics.mean(r["steps"] for r in rs) for rs in rows.values()]
+    panels = [(t, p, b) for t, p, b in PANELS] + [(t, m, {}) for t, m in HEALTH]
+    for ax, (title, metric, baselines) in zip(axes.flat, panels, strict=True):
+        ys = [[r[metric] for r in rs if r[metric] is not None] for rs in rows.values()]
+        mean = [statistics.mean(v) if v else float("nan") for v in ys]
+        err = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
+        ax.errorbar(steps, mean, yerr=err, marker="o", capsize=4, color="tab:blue", label="I-JEPA")
+        for (label, m), colour in zip(baselines.items(), ("tab:red", "tab:gray"), strict=False):
+            vals = [r[m] for r in every if r[m] is not None]
+            if not vals:
+                continue
+            mu, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+            ax.axhline(mu, color=colour, linestyle="--", label=label)
+            ax.axhspan(mu - sd, mu + sd, color=colour, alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [f"{s:,.0f}" for s in steps])
+        ax.minorticks_off()
+        ax.set_title(title)
+        ax.set_xlabel("pretraining steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, out, title="Demo: test results against pretraining length (mean +- sd over seeds)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("grid", type=Path, help="the study's grid file (scripts/study_curve.yaml)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs/compute_curve.png")
+    ap.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
+    args = ap.parse_args()
+    grid = load_grid(args.grid)
+    rows = rows_by_variant(grid, exp_show(dvc_command("activate the project's .venv"), args.all_commits))
+    if not rows:
+        sys.exit(f"no experiment of {args.grid} has run yet: make study GRID={args.grid} ARGS=--in-place")
+    print(table(rows))
+    print(f"\nwrote {plot(rows, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
