@@ -41,9 +41,8 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it torch emulates bf16 and a bf16
-    matmul is about 100x slower than an fp32 one (``benchmarks/bench_matmul.py``: 0.9 against 115.5 GFLOP/s on an
-    AVX2-only AMD EPYC)."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it torch emulates bf16, far slower
+    than fp32 (``benchmarks/bench_matmul.py`` measures both; docs/results.md)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
@@ -52,8 +51,8 @@ def autocast(device: torch.device, bf16: bool):
     otherwise (and on MPS).
 
     Upstream trains in bf16 on GPUs. On a CPU with native bf16 (AVX512-BF16 or AMX) the demo's training step
-    is about 2x faster (``benchmarks/bench_pretrain_step.py``). On a CPU without it, bf16 would be emulated
-    and the demo's chain would take hours instead of minutes: the run stays in fp32 and says so once.
+    is faster in bf16 (``benchmarks/bench_pretrain_step.py``). On a CPU without it, bf16 would be emulated and
+    far slower: the run stays in fp32 and says so once.
     """
     enabled = bool(bf16) and device.type in ("cuda", "cpu")
     if enabled and device.type == "cpu" and not cpu_has_native_bf16():

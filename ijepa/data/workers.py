@@ -117,8 +117,8 @@ class BatchSlots:
     the batch written into one.
 
     A fresh shared-memory batch pays a page fault per 4 KiB page on first write, plus creating and mapping
-    the segment: 9.8 ms for a 64 x 224 x 224 x 3 batch, 140 us per image, a seventh of a 500x375 JPEG decode
-    (``benchmarks/bench_data.py``). Each worker keeps ``slots`` buffers. A flag per (worker, slot) in shared
+    the segment (``benchmarks/bench_data.py`` measures it against a JPEG decode; docs/benchmarks.md). Each
+    worker keeps ``slots`` buffers. A flag per (worker, slot) in shared
     memory says whether the batch in it may still be read: the worker sets it when it fills the slot, the
     consuming process clears it once no tensor there views that batch any more (``recycled``: a weak
     reference to the batch's storage has expired). While every slot is held (a consumer that keeps its
