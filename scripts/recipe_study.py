@@ -160,8 +160,8 @@ def main() -> None:
     dvc, prefix = dvc_command("activate the project's .venv"), grid["prefix"]
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
 
-    def show() -> dict[str, dict]:
-        return experiments(exp_show(dvc, args.all_commits))
+    def show(all_commits: bool = args.all_commits) -> dict[str, dict]:
+        return experiments(exp_show(dvc, all_commits))
 
     done = show()
     names = {v: [f"{prefix}-{v}-s{s}" for s in args.seeds] for v in grid["variants"]}
@@ -179,6 +179,8 @@ def main() -> None:
             if code != 0:
                 sys.exit(f"{name}: dvc exp run failed (exit code {code})")
             done = show()
+            if name not in done:  # a commit made while it ran: the experiment is listed under its older baseline
+                done |= {name: show(all_commits=True)[name]}
             times = record_times(report["stages"], lock_of(done[name]["rev"]))
     rows = {v: [row(n, done[n], times) for n in ns if n in done] for v, ns in names.items()}
     rows = {v: rs for v, rs in rows.items() if rs}
