@@ -97,7 +97,7 @@ bench: $(STAMP) ## run the benchmarks (medians printed; numbers quoted in docs/b
 	$(PY) benchmarks/bench_pretrain_step.py
 	$(PY) benchmarks/bench_demo_loading.py
 	$(PY) benchmarks/bench_monitor.py
-	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_data.py --epochs 5
 
 bench-gpu: $(STAMP) ## the GPU pretraining step (vit_base/16, vit_huge/14 at 224, bf16, compile) and the GPU tests; says so without CUDA
 	$(PY) benchmarks/bench_gpu.py
