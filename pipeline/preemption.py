@@ -12,6 +12,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
+
+from ijepa.distributed import any_rank
 
 _requested = threading.Event()
 _previous: dict[int, object] = {}
@@ -37,6 +40,18 @@ def requested() -> bool:
 def request() -> None:
     """Set the flag without a signal (tests, or a user's own stop condition)."""
     _requested.set()
+
+
+def stop_requested(device) -> Callable[[], bool]:
+    """The training loops' ``should_stop``: whether any rank has the flag (every rank gets the same answer, so
+    all stop at the same boundary)."""
+    return lambda: any_rank(requested(), device)
+
+
+def stopped(stage: str, resumes: str, **extra) -> dict:
+    """What a stage returns when its loop stopped for a preemption, after one line saying where it resumes."""
+    print(f"{stage}: stopped; {resumes}", flush=True)
+    return {"stopped": True, **extra}
 
 
 def hand_over(signum: int = signal.SIGUSR2) -> None:

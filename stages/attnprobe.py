@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from ijepa.data import eval_loader, eval_transform, labelled_splits, pretrain_loader, read_manifest, shard_urls
 from ijepa.data.transforms import Normalize
-from ijepa.distributed import any_rank
 from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.attentive_stream import train_attentive_probes_streaming
 from ijepa.eval.features import frozen_encoders, load_features
@@ -111,7 +110,7 @@ def _streamed(params: dict, ctx, p, ex, seed: int, device) -> tuple[dict | None,
             prepare=lambda x: normalize(x, device), num_classes=len(manifest["classes"]), lrs=p.lrs,
             steps_per_epoch=steps, num_heads=p.num_heads, epochs=p.epochs, weight_decay=p.weight_decay,
             warmup_epochs=p.warmup_epochs, seed=seed, device=device, bf16=ex.bf16, state=state,
-            should_stop=lambda: any_rank(preemption.requested(), device),
+            should_stop=preemption.stop_requested(device),
             progress=lambda step: bar.update(1),
         ), state  # fmt: skip
     finally:
@@ -134,8 +133,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
     else:
         results, state = _streamed(params, ctx, p, ex, seed, device)
         if results is None:
-            print(f"attnprobe: stopped; {state.path} resumes from the last finished epoch", flush=True)
-            return {"stopped": True}
+            return preemption.stopped("attnprobe", f"{state.path} resumes from the last finished epoch")
         if not ctx.is_main:
             return {"world_size": ctx.world_size}
     best = results["pretrained"]

@@ -19,7 +19,7 @@ from ijepa.checkpoint import load_encoder
 from ijepa.data import eval_loader, eval_transform, labelled_splits, pretrain_transform, read_manifest, shard_urls
 from ijepa.data.memory import decode_split, epoch_batches, memory_eval_batches
 from ijepa.data.transforms import Normalize
-from ijepa.distributed import any_rank, barrier, ddp
+from ijepa.distributed import barrier, ddp
 from ijepa.finetune import (
     Classifier,
     Preprocess,
@@ -68,8 +68,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
         result = _train(name, model, p, state, steps, train_batches, eval_batches, prepare, pre, manifest, ctx,
                         tracker, device)  # fmt: skip
         if result is None:
-            print(f"finetune: stopped; {state.path} resumes from the last finished epoch", flush=True)
-            return {"stopped": True}
+            return preemption.stopped("finetune", f"{state.path} resumes from the last finished epoch")
         barrier()  # rank 0 has written the best classifier
         best, _, _ = load_classifier(state.companion("best.pth"))
         test = evaluate(best.to(device), eval_batches(split), prepare=prepare, device=device)
@@ -146,7 +145,7 @@ def _train(name, model, p, state, steps, train_batches, eval_batches, prepare, p
             on_epoch=log,
             progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
             state=state,
-            should_stop=lambda: any_rank(preemption.requested(), device),
+            should_stop=preemption.stop_requested(device),
         )
     finally:
         bar.close()

@@ -27,7 +27,7 @@ from ijepa.checkpoint import load_checkpoint_meta, load_encoder
 from ijepa.data import pretrain_transform, read_manifest, shard_urls
 from ijepa.data.memory import decode_split, epoch_batches
 from ijepa.data.transforms import Normalize
-from ijepa.distributed import all_reduce_mean, any_rank, wrap_ddp
+from ijepa.distributed import all_reduce_mean, wrap_ddp
 from ijepa.pretrain import pretrain
 from pipeline import preemption
 from pipeline.distributed import distributed_stage
@@ -99,7 +99,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
             wrap=(lambda jepa: wrap_ddp(jepa, device)) if ctx.world_size > 1 else None,
             reduce_loss=all_reduce_mean if ctx.world_size > 1 else None, on_step=on_step,
             on_epoch=lambda e, loss: tracker.log_metrics({"epoch_loss": loss}, step=e),
-            should_stop=lambda: any_rank(preemption.requested(), device), monitor=hook,
+            should_stop=preemption.stop_requested(device), monitor=hook,
             monitor_every=pre.monitor.every,
             params={"params_hash": key, "sections": {s: params[s] for s in SECTIONS if s != "tracking"}},
         )  # fmt: skip
@@ -109,8 +109,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
     if ctx.is_main:  # rank 0 records the time (every rank trains the same steps)
         timing = _run_timing(work / TIMING, key, start, result["step"] - start, seconds, hook.seconds if hook else 0)
     if result["stopped"]:
-        print(f"pretrain: stopped at step {result['step']}; {result['checkpoint']} resumes from there", flush=True)
-        return {"stopped": True, "steps": result["step"]}
+        where = f"{result['checkpoint']} resumes from step {result['step']}"
+        return preemption.stopped("pretrain", where, steps=result["step"])
     if not ctx.is_main:
         return {"steps": result["step"], "world_size": ctx.world_size}
     # the run's own pace, from every invocation that trained steps: a finished run re-entered (DVC reruns the

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ijepa.checkpoint import load_encoder
-from ijepa.distributed import any_rank
 from ijepa.models.vit import VisionTransformer
 from ijepa.seg.data import SegDataset, load_class_config
 from ijepa.seg.model import SegmentationModel, SegPreprocess, load_segmenter, save_segmenter
@@ -89,11 +88,10 @@ def run(params: dict, ctx, tracker, device) -> dict:
             desc=f"seg_train {name}",
             on_step=lambda r, name=name: tracker.log_metrics({f"{name}_loss": r["loss"]}, step=r["step"]),
             state=states[name],
-            should_stop=lambda: any_rank(preemption.requested(), device),
+            should_stop=preemption.stop_requested(device),
         )
         if history is None:
-            print(f"seg_train: stopped; {states[name].path} resumes from the last finished epoch", flush=True)
-            return {"stopped": True}
+            return preemption.stopped("seg_train", f"{states[name].path} resumes from the last finished epoch")
         if ctx.is_main:
             save_segmenter(
                 ctx.root / OUT / f"{name}.pth", model.cpu(), classes, pre, encoder=name, checkpoint=p.checkpoint,
