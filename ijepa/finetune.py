@@ -24,8 +24,8 @@ from .data.augment import random_erasing
 from .device import autocast
 from .distributed import all_reduce_mean, all_reduce_sum, unwrap
 from .engine import NonFiniteLossError
+from .epochs import EpochLoop
 from .models.vit import VisionTransformer
-from .rng import every_rank_rng_state, set_this_rank_rng_state
 
 CLASSIFIER_FORMAT = "ijepa-classifier"
 
@@ -364,16 +364,15 @@ def train_classifier(
     mix = MixTargets(core.head.out_features, spec.mixup, spec.cutmix, spec.label_smoothing)
     ema = ema_copy(core) if spec.model_ema else None
     total, warmup = spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch)
-    step, best, history, start = 0, {"val_top1": -1.0}, [], 0
-    saved = state.load() if state is not None else None
-    if saved is not None:
+    step, best, history = 0, {"val_top1": -1.0}, []
+    loop = EpochLoop(spec.epochs, state, should_stop)
+    if (saved := loop.saved) is not None:
         core.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
-        step, best, history, start = saved["step"], saved["best"], saved["history"], saved["epochs_done"]
-        set_this_rank_rng_state(saved["rng"])
-    for epoch in range(start, spec.epochs):
+        step, best, history = saved["step"], saved["best"], saved["history"]
+    for epoch in loop:
         model.train()
         micro, losses = [], []
         for imgs, labels in train_batches(epoch):
@@ -414,12 +413,8 @@ def train_classifier(
                     )
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
-        if state is not None:
-            state.save(
-                {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
-                 "history": history, "epochs_done": epoch + 1, "rng": every_rank_rng_state()}
-                | ({"ema": ema.state_dict()} if ema is not None else {})
-            )  # fmt: skip
-        if should_stop is not None and epoch + 1 < spec.epochs and should_stop():
-            return None
+        snapshot = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}
+        loop.end(epoch, snapshot | {"history": history} | ({"ema": ema.state_dict()} if ema is not None else {}))
+    if loop.stopped:
+        return None
     return best | {"lr": lr, "history": history, "steps": step}

@@ -167,3 +167,29 @@ def test_run_keys_and_state_files(tmp_path):
     state.save({"epochs_done": 2})
     state.finish()
     assert not state.path.exists() and len(list(state.path.parent.glob("s.pt.stale-*"))) == 1
+
+
+def test_the_epoch_loop_resumes_at_the_first_epoch_not_done_and_draws_what_an_uninterrupted_run_draws(tmp_path):
+    """ijepa.epochs.EpochLoop, the loop finetuning, segmentation and the streaming probe share: stopped at an
+    epoch's end (never after the last), resumed from EpochState at the next epoch with the generators as they
+    were, so the draws after the stop equal an uninterrupted run's."""
+    from ijepa.epochs import EpochLoop
+
+    def run(state, stop_after=None):
+        torch.manual_seed(0)
+        loop = EpochLoop(4, state, should_stop=lambda: stop_after is not None and done[-1] == stop_after)
+        done, draws = [], list(loop.saved["draws"]) if loop.saved else []
+        for epoch in loop:
+            draws.append(float(torch.rand(1)))
+            done.append(epoch)
+            loop.end(epoch, {"draws": draws})
+        return loop, done, draws
+
+    whole, whole_done, whole_draws = run(None)
+    assert whole_done == [0, 1, 2, 3] and not whole.stopped
+    first, done, _ = run(EpochState(tmp_path, "loop", "k"), stop_after=1)
+    assert first.stopped and done == [0, 1]
+    again, done, draws = run(EpochState(tmp_path, "loop", "k"))
+    assert again.start == 2 and done == [2, 3] and draws == whole_draws and not again.stopped
+    last, done, _ = run(EpochState(tmp_path, "last", "k"), stop_after=3)
+    assert done == [0, 1, 2, 3] and not last.stopped  # the last epoch never counts as stopped

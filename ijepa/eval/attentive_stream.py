@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..device import autocast
 from ..distributed import all_reduce_sum
+from ..epochs import EpochLoop
 from ..models.vit import VisionTransformer
 from .attentive import EPS, best_of, heads_for, lr_scale, new_probe
 from .features import pixel_tokens, pooled_features
@@ -108,9 +109,10 @@ def train_attentive_probes_streaming(
         n: [new_probe(dims[n], num_classes, heads[n], lr, weight_decay, seed, device) for lr in lrs] for n in encoders
     }
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    start = _restore(probes, state.load() if state is not None else None)
-    step = start * steps_per_epoch
-    for epoch in range(start, epochs):
+    loop = EpochLoop(epochs, state, should_stop, rng=False)  # each epoch's stream is fixed by (seed, epoch, rank)
+    _restore(probes, loop.saved)
+    step = loop.start * steps_per_epoch
+    for epoch in loop:
         for name_probes in probes.values():
             for probe, _ in name_probes:
                 probe.train()
@@ -132,11 +134,9 @@ def train_attentive_probes_streaming(
                 progress(step)
         if step != (epoch + 1) * steps_per_epoch:
             raise RuntimeError(f"epoch {epoch} gave {step - epoch * steps_per_epoch} batches, not {steps_per_epoch}")
-        if state is not None:
-            saved = {n: [(p.state_dict(), o.state_dict()) for p, o in v] for n, v in probes.items()}
-            state.save({"epochs_done": epoch + 1, "probes": saved})
-        if epoch + 1 < epochs and should_stop():
-            return None
+        loop.end(epoch, {"probes": {n: [(p.state_dict(), o.state_dict()) for p, o in v] for n, v in probes.items()}})
+    if loop.stopped:
+        return None
     hits = _evaluate(probes, encoders, eval_batches, eval_splits, prepare, patch, device, bf16)
     results = {}
     for name in probes:
@@ -183,12 +183,11 @@ def _evaluate(probes, encoders, eval_batches, splits, prepare, patch, device, bf
     return out
 
 
-def _restore(probes: dict, state: dict | None) -> int:
-    """Load the probes and optimisers of a saved state: the epochs it finished (0 without one)."""
+def _restore(probes: dict, state: dict | None) -> None:
+    """Load the probes and optimisers of a saved state (nothing without one)."""
     if state is None:
-        return 0
+        return
     for name, saved in state["probes"].items():
         for (probe, opt), (p_state, o_state) in zip(probes[name], saved, strict=True):
             probe.load_state_dict(p_state)
             opt.load_state_dict(o_state)
-    return int(state["epochs_done"])

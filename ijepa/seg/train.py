@@ -15,7 +15,7 @@ from ..data.transforms import Normalize
 from ..device import autocast
 from ..distributed import all_reduce_mean, broadcast_buffers, ddp
 from ..engine import NonFiniteLossError
-from ..rng import every_rank_rng_state, set_this_rank_rng_state
+from ..epochs import EpochLoop
 from .data import IGNORE, SegDataset, seg_loader
 from .model import SegmentationModel
 
@@ -91,15 +91,14 @@ def train_segmentation(
     if len(loader) == 0:
         raise ValueError(f"segmentation training set has {len(train_ds)} images: fewer than one batch")
     total, warmup = spec.epochs * len(loader), round(spec.warmup_epochs * len(loader))
-    norm, step, history, start = Normalize(), 0, [], 0
-    saved = state.load() if state is not None else None
-    if saved is not None:
+    norm, step, history = Normalize(), 0, []
+    loop = EpochLoop(spec.epochs, state, should_stop)
+    if (saved := loop.saved) is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        step, history, start = saved["step"], saved["history"], saved["epochs_done"]
-        set_this_rank_rng_state(saved["rng"])
+        step, history = saved["step"], saved["history"]
     bar = tqdm(total=total, initial=step, desc=desc, mininterval=5, disable=rank != 0)
-    for epoch in range(start, spec.epochs):
+    for epoch in loop:
         train_ds.set_epoch(epoch)
         loader.sampler.set_epoch(epoch)
         running, n = 0.0, 0
@@ -123,14 +122,9 @@ def train_segmentation(
             if on_step is not None:
                 on_step({"step": step, "epoch": epoch, "loss": value, "lr": lr})
         history.append({"epoch": epoch + 1, "loss": running / max(n, 1), "lr": lr})
-        if state is not None:
-            state.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history,
-                 "epochs_done": epoch + 1, "rng": every_rank_rng_state()}
-            )  # fmt: skip
-        if should_stop is not None and epoch + 1 < spec.epochs and should_stop():
-            bar.close()
-            return None
+        loop.end(epoch, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history})
     bar.close()
+    if loop.stopped:
+        return None
     broadcast_buffers(model)
     return history
