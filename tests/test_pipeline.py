@@ -55,18 +55,27 @@ def mlflow_runs(repo: Path, filter_string: str = ""):
     return client, exp, client.search_runs([exp.experiment_id], filter_string=filter_string)
 
 
-def test_dvc_repro_runs_the_chain_then_does_nothing(repo, chain):
+STAGES = [
+    *("prepare", "pretrain", "extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"),
+    *("seg_prepare", "seg_train", "seg_eval"),
+]
+
+
+def test_make_repros_command_runs_every_stage_in_order_and_records_their_times(repo, chain):
     r = chain  # what `make repro` runs
     assert "Running stage 'prepare'" in r.stdout and "Running stage 'pretrain'" in r.stdout
     # MLflow loads each logged model back to check its input example: it once failed for the segmenter
     assert "Failed to validate serving input" not in r.stdout + r.stderr and "Got error" not in r.stdout + r.stderr
     timed = json.loads((repo / "chain_time.json").read_text())
-    assert list(timed["stages"]) == [
-        *("prepare", "pretrain", "extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"),
-        *("seg_prepare", "seg_train", "seg_eval"),
-    ]
+    assert list(timed["stages"]) == STAGES
     assert all(t > 0 for t in timed["stages"].values()) and sum(timed["stages"].values()) <= timed["total_s"]
     assert timed["peak_rss_mb"] > 100 and "peak memory of one process" in r.stdout
+    recorded = json.loads((repo / "outputs/stage_times.json").read_text())  # for scripts/recipe_study.py
+    assert sorted(k.split(":")[0] for k in recorded) == sorted(timed["stages"])
+    assert sorted(recorded.values()) == sorted(timed["stages"].values())
+
+
+def test_the_chain_writes_every_stages_metrics_models_and_plots(repo):
     prep = json.loads((repo / "metrics/prepare.json").read_text())
     assert prep["train_images"] == 110 and prep["val_images"] == 10 and prep["test_images"] == 40
     pre = json.loads((repo / "metrics/pretrain.json").read_text())
@@ -74,10 +83,7 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo, chain):
     enc = load_encoder(repo / "models/pretrain/jepa-latest.pth.tar")
     assert enc.depth == 1 and enc.patch_size == 4
     assert (repo / "plots/pretrain_curves.png").stat().st_size > 1000
-    for stage in (
-        *("extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"),
-        *("seg_prepare", "seg_train", "seg_eval"),
-    ):
+    for stage in STAGES[2:]:
         assert (repo / f"metrics/{stage}.json").is_file(), stage
     assert set(json.loads((repo / "metrics/linprobe.json").read_text())) >= {"top1", "random_init_top1", "pixels_top1"}
     ft = json.loads((repo / "metrics/finetune.json").read_text())  # the same recipe from a random start beside it
@@ -86,9 +92,11 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo, chain):
     )
     assert 0 <= ft["lp_val_top1"] <= 1 and 0 <= ft["random_init_lp_val_top1"] <= 1  # LP-FT: each head fitted first
     assert not list((repo / "models/resume").glob("finetune*")) and (repo / "models/finetune/classifier.pth").is_file()
-    recorded = json.loads((repo / "outputs/stage_times.json").read_text())  # for scripts/recipe_study.py
-    assert sorted(k.split(":")[0] for k in recorded) == sorted(timed["stages"])
-    assert sorted(recorded.values()) == sorted(timed["stages"].values())
+    seg = json.loads((repo / "metrics/seg_eval.json").read_text())
+    assert {"miou", "pixel_acc", "random_init_miou", "per_class_iou"} <= set(seg)
+
+
+def test_a_second_repro_runs_nothing_whatever_bytecode_lies_in_the_code(repo):
     for code in ("ijepa", "ijepa/models", "pipeline"):  # bytecode that an import, a test or an editor leaves
         (repo / code / "__pycache__").mkdir(exist_ok=True)  # changes no stage's code (.dvcignore)
         (repo / code / "__pycache__" / "stray.cpython-311.pyc").write_bytes(b"not code")
@@ -96,23 +104,23 @@ def test_dvc_repro_runs_the_chain_then_does_nothing(repo, chain):
     again = sh(repo, "dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout and time.perf_counter() - t0 < 20
 
+
+def test_mlflow_holds_one_run_per_stage_with_its_params_metrics_and_plots(repo):
     client, exp, runs = mlflow_runs(repo)
     assert exp.artifact_location == (repo / "mlruns").as_uri()
     by_stage = {r.data.tags["ijepa.stage"]: r for r in runs}
-    assert set(by_stage) == {
-        *("prepare", "pretrain", "extract", "linprobe", "attnprobe", "lowshot", "knn", "search", "finetune"),
-        *("seg_prepare", "seg_train", "seg_eval"),
-    }
-    seg = json.loads((repo / "metrics/seg_eval.json").read_text())
-    assert {"miou", "pixel_acc", "random_init_miou", "per_class_iou"} <= set(seg)
+    assert set(by_stage) == set(STAGES)
     assert by_stage["prepare"].data.tags["ijepa.pipeline_run"] == by_stage["pretrain"].data.tags["ijepa.pipeline_run"]
-    pr = by_stage["pretrain"]
+    pr, pre = by_stage["pretrain"], json.loads((repo / "metrics/pretrain.json").read_text())
     assert pr.data.params["pretrain.batch_size"] == "16" and pr.data.tags["git.commit"]
     assert len(client.get_metric_history(pr.info.run_id, "loss")) == pre["steps"]
     artifacts = {a.path for a in client.list_artifacts(pr.info.run_id, "plots")}
     assert artifacts == {"plots/pretrain_curves.png", "plots/pretrain_monitor.png"}
     health = client.get_metric_history(pr.info.run_id, "monitor_rankme")
     assert [m.step for m in health] == [0, pre["steps"]] and pre["final_rankme"] == health[-1].value
+
+
+def test_dvc_metrics_show_and_plots_show_read_the_chain(repo):
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
     assert "metrics/pretrain.json" in json.dumps(shown)
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]
