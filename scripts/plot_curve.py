@@ -68,8 +68,7 @@ def plot(rows: dict[str, list[dict]], out: Path) -> Path:
     fig, axes = new_figure(3, 3, (13, 11))
     every = [r for rs in rows.values() for r in rs]
     steps = [statistics.mean(r["steps"] for r in rs) for rs in rows.values()]
-    panels = [(t, p, b) for t, p, b in PANELS] + [(t, m, {}) for t, m in HEALTH]
-    for ax, (title, metric, baselines) in zip(axes.flat, panels, strict=True):
+    for ax, (title, metric, baselines) in zip(axes.flat, [*PANELS, *((t, m, {}) for t, m in HEALTH)], strict=True):
         ys = [[r[metric] for r in rs if r[metric] is not None] for rs in rows.values()]
         mean = [statistics.mean(v) if v else float("nan") for v in ys]
         err = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]

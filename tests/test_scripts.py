@@ -78,3 +78,12 @@ def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
     assert lines[3].startswith("| x2 | 2 | 200 | 83.0 +- 1.4 | 73.0 +- 1.4 |")
     assert "| linear rand | 3 | 75.0 +- 0.0 |" in lines and "| seg rand | 0 |  |" in lines
     assert plot(rows, tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_a_grid_whose_common_recipe_is_malformed_exits_with_one_line_naming_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("common: [finetune.epochs]\nvariants:\n  x: []\n")
+    with pytest.raises(
+        SystemExit, match=r"bad.yaml: common must be a list of key=value strings, got \['finetune.epochs'\]"
+    ):
+        load_grid(bad)
