@@ -26,6 +26,7 @@ from .distributed import all_reduce_mean, all_reduce_sum, unwrap
 from .engine import NonFiniteLossError
 from .epochs import EpochLoop
 from .models.vit import VisionTransformer
+from .schedules import warmup_cosine
 
 CLASSIFIER_FORMAT = "ijepa-classifier"
 
@@ -77,14 +78,6 @@ def param_groups_lrd(model: Classifier, weight_decay: float, layer_decay: float)
         g["params"].append(p)
         g["names"].append(name)
     return [groups[k] for k in sorted(groups)]
-
-
-def lr_at(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from 0, then half-cosine to ``min_lr`` (per optimizer step)."""
-    if step < warmup:
-        return lr * step / max(warmup, 1)
-    p = (step - warmup) / max(total - warmup, 1)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -380,7 +373,7 @@ def train_classifier(
             micro.append(mix(x, torch.as_tensor(labels).to(device)))
             if len(micro) < spec.accum_steps:
                 continue
-            set_lr(optimizer, lr_at(step, total=total, warmup=warmup, lr=lr, min_lr=spec.min_lr))
+            set_lr(optimizer, warmup_cosine(step, warmup=warmup, total=total, ref=lr, final=spec.min_lr))
             loss = accumulate_step(model, optimizer, micro, device=device, bf16=spec.bf16)
             losses.append(float(all_reduce_mean(torch.tensor([loss], device=device))[0]))
             micro = []

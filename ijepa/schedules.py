@@ -5,7 +5,8 @@ step s (0-based) is the scheduler's (s + 1)-th ``step()`` for lr and wd, and the
 All are defined over ``T = int(ipe_scale * epochs * ipe)`` steps while training stops after
 ``epochs * ipe`` steps (``ipe_scale > 1`` stretches the schedules, as upstream).
 Deliberate differences: past T (``ipe_scale < 1``) the cosine stays at its final value instead of rising,
-and the EMA momentum stays at its final value instead of growing past it (above 1).
+and the EMA momentum stays at its final value instead of growing past it (above 1); an lr whose final value
+exceeds its peak rises to it (upstream holds it at the final value from the first cosine step).
 """
 
 from __future__ import annotations
@@ -28,20 +29,23 @@ class Schedules:
         return len(self.lr)
 
 
-def warmup_cosine(steps: int, *, warmup: int, start: float, ref: float, final: float, t_max: int) -> np.ndarray:
-    """lr per step: linear warmup start -> ref over ``warmup`` steps, then cosine ref -> final at ``t_max``."""
-    k = np.arange(1, steps + 1, dtype=np.float64)
+def warmup_cosine(k, *, warmup: int, total: int, ref: float, start: float = 0.0, final: float = 0.0, power=None):
+    """The one warmup-plus-decay schedule of every training loop, at position ``k`` (an int or an array).
+
+    Linear from ``start`` to ``ref`` while ``k < warmup``, then cosine (or, given ``power``, polynomial
+    ``(1 - p) ** power``) from ``ref`` to ``final`` at ``k = total``, held at ``final`` after it. The caller says
+    which step ``k`` is: pretraining passes step + 1 (upstream steps its scheduler before the step it sets),
+    finetuning passes step (MAE's: the first step has lr 0), the probes and segmentation step + 1 (the first
+    step has ``ref / warmup``). Returns a float for an int ``k``, an array for an array.
+    """
+    k = np.asarray(k, dtype=np.float64)
     warm = start + k / max(warmup, 1) * (ref - start)
-    p = np.clip((k - warmup) / max(1, t_max - warmup), 0.0, 1.0)
-    cos = np.maximum(final, final + (ref - final) * 0.5 * (1.0 + np.cos(np.pi * p)))
-    return np.where(k < warmup, warm, cos)
-
-
-def cosine_ramp(steps: int, *, ref: float, final: float, t_max: int) -> np.ndarray:
-    """Weight decay per step: cosine from ``ref`` to ``final`` at ``t_max``, clipped at ``final``."""
-    k = np.arange(1, steps + 1, dtype=np.float64)
-    wd = final + (ref - final) * 0.5 * (1.0 + np.cos(np.pi * np.clip(k / max(t_max, 1), 0.0, 1.0)))
-    return np.maximum(wd, final) if final <= ref else np.minimum(wd, final)
+    p = np.clip((k - warmup) / max(1, total - warmup), 0.0, 1.0)
+    decay = 0.5 * (1.0 + np.cos(np.pi * p)) if power is None else (1.0 - p) ** power
+    value = final + (ref - final) * decay
+    value = np.maximum(final, value) if final <= ref else np.minimum(final, value)  # upstream's clamp
+    out = np.where(k < warmup, warm, value)
+    return float(out) if out.ndim == 0 else out
 
 
 def linear_momentum(steps: int, *, start: float, end: float, t_max: float) -> np.ndarray:
@@ -80,8 +84,9 @@ def make_schedules(
         raise ValueError(f"ipe and epochs must be >= 1, got ipe={ipe}, epochs={epochs}")
     steps = ipe * epochs
     t_max = int(ipe_scale * epochs * ipe)
+    k = np.arange(1, steps + 1)  # step s uses the scheduler's (s + 1)-th value
     return Schedules(
-        lr=warmup_cosine(steps, warmup=int(warmup_epochs * ipe), start=start_lr, ref=lr, final=final_lr, t_max=t_max),
-        wd=cosine_ramp(steps, ref=weight_decay, final=final_weight_decay, t_max=t_max),
+        lr=warmup_cosine(k, warmup=int(warmup_epochs * ipe), total=t_max, start=start_lr, ref=lr, final=final_lr),
+        wd=warmup_cosine(k, warmup=0, total=t_max, ref=weight_decay, final=final_weight_decay),
         momentum=linear_momentum(steps, start=ema[0], end=ema[1], t_max=ipe * epochs * ipe_scale),
     )

@@ -14,7 +14,7 @@ from ijepa.device import autocast
 from ijepa.engine import NonFiniteLossError, build_optimizer, train_epoch
 from ijepa.models import apply_masks, repeat_interleave_batch
 from ijepa.pretrain import build_jepa, pretrain
-from ijepa.schedules import make_schedules
+from ijepa.schedules import make_schedules, warmup_cosine
 
 from .conftest import step_batches, tiny_collator
 
@@ -25,6 +25,22 @@ def official_lr(step1, warmup, start, ref, final, t_max):
         return start + step1 / warmup * (ref - start)
     p = (step1 - warmup) / max(1, t_max - warmup)
     return max(final, final + (ref - final) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def test_one_warmup_cosine_serves_every_loops_step_convention():
+    """Pretraining passes step + 1, finetuning step (MAE: lr 0 first), probes and segmentation step + 1."""
+    steps = np.arange(20)
+    ft = warmup_cosine(steps, warmup=4, total=20, ref=1e-3, final=1e-6)
+    assert ft[0] == 0.0 and ft[2] == pytest.approx(5e-4) and ft[4] == pytest.approx(1e-3)
+    assert np.all(np.diff(ft[4:]) < 0) and ft[-1] > 1e-6 and warmup_cosine(20, warmup=4, total=20, ref=1e-3) == 0.0
+    probe = [warmup_cosine(s + 1, warmup=4, total=20, ref=1.0) for s in range(20)]
+    assert probe[:4] == [0.25, 0.5, 0.75, 1.0] and probe[-1] == 0.0 and isinstance(probe[0], float)
+    assert warmup_cosine(12, warmup=4, total=20, ref=1.0) == pytest.approx(0.5)  # halfway down the cosine
+    poly = warmup_cosine(12, warmup=4, total=20, ref=1e-2, final=0.0, power=0.9)
+    assert poly == pytest.approx(1e-2 * 0.5**0.9)
+    assert warmup_cosine(30, warmup=4, total=20, ref=1e-2, final=1e-4, power=0.9) == pytest.approx(1e-4)
+    rising = warmup_cosine(np.arange(1, 11), warmup=0, total=10, ref=0.04, final=0.4)  # upstream's weight decay
+    assert np.all(np.diff(rising) > 0) and rising[-1] == pytest.approx(0.4) and rising.max() <= 0.4
 
 
 def test_schedules_match_upstream_formulas():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
+from ..schedules import warmup_cosine
 from .linear import topk_correct
 
 EPS = 1e-6  # norm1's epsilon
@@ -102,13 +103,6 @@ def new_probe(
     return probe, opt
 
 
-def lr_scale(step: int, warmup: int, total: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``: the factor on the base lr."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def best_of(table: list[dict], heads: int) -> dict:
     """The row with the best val top-1 (the smaller lr on a tie), as a probe result."""
     best = max(table, key=lambda r: (r["val_top1"], -r["lr"]))
@@ -176,7 +170,7 @@ def train_attentive_probe(
                 if len(idx) < 2:
                     continue
                 for group in opt.param_groups:
-                    group["lr"] = lr * lr_scale(step, warmup, total)
+                    group["lr"] = lr * warmup_cosine(step + 1, warmup=warmup, total=total, ref=1.0)
                 x = z["train"][idx].to(device)
                 loss = F.cross_entropy(probe(x, standardised=True), labels["train"][idx].to(device))
                 opt.zero_grad(set_to_none=True)

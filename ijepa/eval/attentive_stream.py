@@ -29,7 +29,8 @@ from ..device import autocast
 from ..distributed import all_reduce_sum
 from ..epochs import EpochLoop
 from ..models.vit import VisionTransformer
-from .attentive import EPS, best_of, heads_for, lr_scale, new_probe
+from ..schedules import warmup_cosine
+from .attentive import EPS, best_of, heads_for, new_probe
 from .features import pixel_tokens, pooled_features
 from .linear import topk_correct
 
@@ -119,7 +120,7 @@ def train_attentive_probes_streaming(
         for images, labels in train_batches(epoch):
             tokens = batch_tokens(encoders, prepare(images), patch, device, bf16)
             y = torch.as_tensor(labels).to(device)
-            scale = lr_scale(step, warmup, total)
+            scale = warmup_cosine(step + 1, warmup=warmup, total=total, ref=1.0)
             for name, name_probes in probes.items():
                 for (probe, opt), lr in zip(name_probes, lrs, strict=True):
                     for group in opt.param_groups:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
+from ..schedules import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def train_linear_grid(
                 for (p, _), bank in banks.items()
             )
             grads = torch.autograd.grad(loss, params)
-            scale = 0.5 * (1 + math.cos(math.pi * step / total))  # cosine schedule, per-head base lr
+            scale = warmup_cosine(step, warmup=0, total=total, ref=1.0)  # per-head base lr
             with torch.no_grad():  # SGD, momentum 0.9, weight decay, one lr per head
                 for q, grad, buf in zip(params, grads, momentum, strict=True):
                     buf.mul_(0.9).add_(grad + weight_decay * q)

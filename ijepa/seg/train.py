@@ -16,6 +16,7 @@ from ..device import autocast
 from ..distributed import all_reduce_mean, broadcast_buffers, ddp
 from ..engine import NonFiniteLossError
 from ..epochs import EpochLoop
+from ..schedules import warmup_cosine
 from .data import IGNORE, SegDataset, seg_loader
 from .model import SegmentationModel
 
@@ -35,18 +36,6 @@ class SegTrainSpec:
     encoder_lr_scale: float = 0.1  # lr multiplier of the encoder when it is finetuned
     bf16: bool = True
     num_workers: int = 1
-
-
-def lr_at(step: int, total: int, warmup: int, spec: SegTrainSpec) -> float:
-    """Linear warmup from 0, then poly or cosine decay to ``min_lr``."""
-    if step < warmup:
-        return spec.lr * (step + 1) / max(warmup, 1)
-    p = min((step - warmup) / max(total - warmup, 1), 1.0)
-    if spec.schedule == "poly":
-        return spec.min_lr + (spec.lr - spec.min_lr) * (1 - p) ** spec.poly_power
-    if spec.schedule == "cosine":
-        return spec.min_lr + (spec.lr - spec.min_lr) * 0.5 * (1 + math.cos(math.pi * p))
-    raise ValueError(f"schedule must be 'poly' or 'cosine', got {spec.schedule!r}")
 
 
 def train_segmentation(
@@ -78,6 +67,8 @@ def train_segmentation(
         per-epoch {"epoch", "loss", "lr"} (the final weights are what is kept: no selection on validation), or
         None when ``should_stop`` stopped it.
     """
+    if spec.schedule not in ("poly", "cosine"):
+        raise ValueError(f"schedule must be 'poly' or 'cosine', got {spec.schedule!r}")
     torch.manual_seed(seed)
     model.to(device).train()
     head = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
@@ -92,6 +83,7 @@ def train_segmentation(
         raise ValueError(f"segmentation training set has {len(train_ds)} images: fewer than one batch")
     total, warmup = spec.epochs * len(loader), round(spec.warmup_epochs * len(loader))
     norm, step, history = Normalize(), 0, []
+    power = spec.poly_power if spec.schedule == "poly" else None  # None: cosine
     loop = EpochLoop(spec.epochs, state, should_stop)
     if (saved := loop.saved) is not None:
         model.load_state_dict(saved["model"])
@@ -103,7 +95,7 @@ def train_segmentation(
         loader.sampler.set_epoch(epoch)
         running, n = 0.0, 0
         for imgs, masks in loader:
-            lr = lr_at(step, total, warmup, spec)
+            lr = warmup_cosine(step + 1, warmup=warmup, total=total, ref=spec.lr, final=spec.min_lr, power=power)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             x, y = norm(imgs, device), masks.to(device)
