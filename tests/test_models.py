@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ijepa import create_encoder, create_predictor, list_models
-from ijepa.models import apply_masks, repeat_interleave_batch, sincos_2d
+from ijepa.models import apply_masks, random_like, repeat_interleave_batch, sincos_2d
 from ijepa.models.pos_embed import resample_pos_embed
 
 # Official numbers (reference §1.1): encoder params in millions at (patch, img) and state tensor counts.
@@ -246,3 +247,22 @@ def test_init_matches_upstream_effective_init():
     assert enc.blocks[11].attn.proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert enc.blocks[0].mlp.fc1.bias.abs().sum() == 0 and torch.all(enc.norm.weight == 1)
     assert math.isclose(enc.patch_embed.proj.weight.std().item(), 0.02, rel_tol=0.1)
+
+
+def test_random_like_is_the_one_random_init_rule():
+    """The same architecture, weights fixed by the seed alone, the caller's generator untouched; every random-init
+    baseline (frozen features, finetuning, segmentation) draws through it."""
+    encoder = create_encoder("vit_tiny", img_size=32, patch_size=8)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = random_like(encoder, 0), random_like(encoder, 0), random_like(encoder, 1)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert a.arch() == encoder.arch()
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not torch.equal(
+        sa["blocks.0.attn.qkv.weight"], sc["blocks.0.attn.qkv.weight"]
+    )
+    root = Path(__file__).resolve().parent.parent
+    for user in ("ijepa/eval/features.py", "stages/finetune.py", "stages/seg_train.py"):
+        assert "random_like(encoder, seed)" in (root / user).read_text(), user

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_save, load_encoder, read_checkpoint
 from ..device import autocast
-from ..models.vit import VisionTransformer
+from ..models.vit import VisionTransformer, random_like
 
 POOLINGS = ("avg_last", "avg_last4")
 
@@ -29,8 +29,7 @@ def frozen_encoders(
     """{"pretrained": the checkpoint's ``which`` encoder, "random_init": the same architecture initialised from
     ``seed``}, both in eval mode on ``device``: the two encoders every frozen evaluation compares."""
     encoder = load_encoder(checkpoint, which=which).eval().to(device)
-    torch.manual_seed(seed)
-    return {"pretrained": encoder, "random_init": VisionTransformer(**encoder.arch()).eval().to(device)}
+    return {"pretrained": encoder, "random_init": random_like(encoder, seed).eval().to(device)}
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ from .vit import (
     VisionTransformer,
     VisionTransformerPredictor,
     apply_masks,
+    random_like,
     repeat_interleave_batch,
 )
 
@@ -19,6 +20,7 @@ __all__ = [
     "create_predictor",
     "list_models",
     "preset",
+    "random_like",
     "repeat_interleave_batch",
     "resample_pos_embed",
     "sincos_2d",

@@ -290,6 +290,14 @@ class VisionTransformer(nn.Module):
         }
 
 
+def random_like(encoder: VisionTransformer, seed: int) -> VisionTransformer:
+    """The random-init baseline of every comparison (probes, finetuning, segmentation): ``encoder``'s architecture
+    with weights drawn from ``seed``, the global generator left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VisionTransformer(**encoder.arch())
+
+
 class VisionTransformerPredictor(nn.Module):
     """I-JEPA predictor: maps context tokens plus mask tokens at target positions to target features.
 
