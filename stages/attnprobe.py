@@ -22,12 +22,12 @@ from ijepa.data.transforms import Normalize
 from ijepa.eval.attentive import train_attentive_probe
 from ijepa.eval.attentive_stream import train_attentive_probes_streaming
 from ijepa.eval.features import frozen_encoders, load_features
-from pipeline import preemption
 from pipeline.distributed import distributed_stage
 from pipeline.outputs import ENCODER_COLORS, new_figure, save_figure, text_figure, write_json
 from pipeline.params import ParamError, section
-from pipeline.resume import EpochState, file_key, run_key, shards_key
+from pipeline.resume import EpochState, file_key, shards_key
 from pipeline.stage import main
+from pipeline.stagerun import StageRun
 
 SECTIONS = ("seed", "attnprobe", "extract", "tracking")
 FEATURES, SHARDS = Path("data/features"), Path("data/shards")
@@ -44,6 +44,11 @@ def _tokens(root: Path, name: str) -> dict:
     return load_features(path)
 
 
+def _optimisation(p) -> dict:
+    """The probes' settings both token sources share."""
+    return {k: getattr(p, k) for k in ("lrs", "num_heads", "epochs", "weight_decay", "warmup_epochs")}
+
+
 def _cached(root: Path, p, seed: int, device) -> dict:
     """Every encoder's probes on the token cache, one encoder's tokens in memory at a time."""
     results, splits = {}, ("train", "val", "test")
@@ -56,15 +61,11 @@ def _cached(root: Path, p, seed: int, device) -> dict:
                 {s: feats[s]["tokens"] for s in present},
                 {s: feats[s]["labels"] for s in present},
                 num_classes=len(feats["meta"]["classes"]),
-                lrs=p.lrs,
-                num_heads=p.num_heads,
-                epochs=p.epochs,
                 batch_size=p.batch_size,
-                weight_decay=p.weight_decay,
-                warmup_epochs=p.warmup_epochs,
                 seed=seed,
                 device=device,
                 progress=lambda lr, epoch: bar.update(1),
+                **_optimisation(p),
             )
             del feats
     finally:  # an error starts on a line of its own
@@ -72,8 +73,9 @@ def _cached(root: Path, p, seed: int, device) -> dict:
     return results
 
 
-def _streamed(params: dict, ctx, p, ex, seed: int, device) -> tuple[dict | None, EpochState]:
+def _streamed(params: dict, job: StageRun, p, ex, seed: int, device) -> tuple[dict | None, EpochState]:
     """Every encoder's probes on tokens computed from the shards (None: stopped for a preemption)."""
+    ctx = job.ctx
     manifest = read_manifest(ctx.root / SHARDS)
     train = manifest["splits"]["train"]
     if p.batch_size % ctx.world_size:
@@ -85,36 +87,41 @@ def _streamed(params: dict, ctx, p, ex, seed: int, device) -> tuple[dict | None,
     encoders = frozen_encoders(ckpt, ex.which, seed, device) | {"pixels": None}
     transform = eval_transform(ex.crop_size or encoders["pretrained"].img_size[0], ex.resize_size)
     urls = {s: shard_urls(ctx.root / SHARDS, s) for s in labelled_splits(manifest)}
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=ex.num_workers, stall_timeout=ex.stall_timeout_s)
+    shard = {"rank": ctx.rank, "world_size": ctx.world_size, "num_workers": ex.num_workers}
+    shard |= {"stall_timeout": ex.stall_timeout_s, "transform": transform}
     normalize = Normalize()
     # what a resume file must match: every setting that changes a probe, the data and the encoder's weights
-    key = run_key(
-        params, ("seed", "attnprobe", "extract"), world_size=ctx.world_size, train=shards_key(train),
-        checkpoint=file_key(ckpt),
-    )  # fmt: skip
-    state = EpochState(ctx.root, "attnprobe", key, is_main=ctx.is_main)
+    state = job.state(params, ("seed", "attnprobe", "extract"), train=shards_key(train), checkpoint=file_key(ckpt))
+    stream = {"batch_size": p.batch_size // ctx.world_size, "collator": None, "batches_per_epoch": steps}
+    stream |= {"seed": seed, "counts": [s["count"] for s in train["shards"]], "name": "attnprobe loader (train)"}
+
+    def train_batches(epoch):
+        return pretrain_loader(urls["train"], epoch=epoch, **stream, **shard)
+
+    def eval_batches(split):
+        return eval_loader(urls[split], batch_size=ex.batch_size, name=f"attnprobe loader ({split})", **shard)
+
     bar = tqdm(total=steps * p.epochs, desc="attnprobe (streaming)", mininterval=5, disable=not ctx.is_main)
     try:
-        return train_attentive_probes_streaming(
+        results = train_attentive_probes_streaming(
             encoders,
-            train_batches=lambda epoch: pretrain_loader(
-                urls["train"], batch_size=p.batch_size // ctx.world_size, collator=None, transform=transform,
-                batches_per_epoch=steps, epoch=epoch, seed=seed, counts=[s["count"] for s in train["shards"]],
-                name="attnprobe loader (train)", **shard,
-            ),
-            eval_batches=lambda split: eval_loader(
-                urls[split], batch_size=ex.batch_size, transform=transform, name=f"attnprobe loader ({split})",
-                **shard,
-            ),
+            train_batches=train_batches,
+            eval_batches=eval_batches,
             eval_splits=[s for s in ("val", "test") if s in urls],
-            prepare=lambda x: normalize(x, device), num_classes=len(manifest["classes"]), lrs=p.lrs,
-            steps_per_epoch=steps, num_heads=p.num_heads, epochs=p.epochs, weight_decay=p.weight_decay,
-            warmup_epochs=p.warmup_epochs, seed=seed, device=device, bf16=ex.bf16, state=state,
-            should_stop=preemption.stop_requested(device),
+            prepare=lambda x: normalize(x, device),
+            num_classes=len(manifest["classes"]),
+            steps_per_epoch=steps,
+            seed=seed,
+            device=device,
+            bf16=ex.bf16,
+            state=state,
+            should_stop=job.should_stop,
             progress=lambda step: bar.update(1),
-        ), state  # fmt: skip
+            **_optimisation(p),
+        )
     finally:
         bar.close()
+    return results, state
 
 
 @distributed_stage("attnprobe.device")
@@ -125,15 +132,15 @@ def run(params: dict, ctx, tracker, device) -> dict:
             write_json(ctx.root / "metrics/attnprobe.json", {"enabled": False})
             text_figure(ctx.root / "plots/attnprobe.png", "attentive probe not run (attnprobe.enabled: false)")
         return {"enabled": 0}
-    state = None
+    job, state = StageRun("attnprobe", ctx, tracker, device), None
     if ex.tokens:  # the cache holds every split: one process trains on it
         if not ctx.is_main:
             return {"world_size": ctx.world_size}
         results = _cached(ctx.root, p, seed, device)
     else:
-        results, state = _streamed(params, ctx, p, ex, seed, device)
+        results, state = _streamed(params, job, p, ex, seed, device)
         if results is None:
-            return preemption.stopped("attnprobe", f"{state.path} resumes from the last finished epoch")
+            return job.stopped(state)
         if not ctx.is_main:
             return {"world_size": ctx.world_size}
     best = results["pretrained"]
@@ -147,8 +154,8 @@ def run(params: dict, ctx, tracker, device) -> dict:
         "gap_vs_random_init": round(best["test_top1"] - results["random_init"]["test_top1"], 5),
         "tokens": "cache" if ex.tokens else "streamed",
     }
-    write_json(ctx.root / "metrics/attnprobe.json", metrics | {"table": {n: r["table"] for n, r in results.items()}})
-    tracker.log_artifact(_plot(results, ctx.root / "plots/attnprobe.png"), "plots")
+    tables = {"table": {n: r["table"] for n, r in results.items()}}
+    job.publish(metrics | tables, plots=[_plot(results, ctx.root / "plots/attnprobe.png")])
     if state is not None:  # the outputs are written: the streaming run's state goes
         state.finish()
     return {k: v for k, v in metrics.items() if k not in ("best_head", "tokens")}

@@ -10,7 +10,9 @@ every rank evaluates its own share of val and test and the counts are summed; ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -29,16 +31,17 @@ from ijepa.finetune import (
     train_classifier,
     with_drop_path,
 )
-from ijepa.models.vit import VisionTransformer
-from pipeline import preemption
+from ijepa.models.vit import random_like
 from pipeline.distributed import distributed_stage
-from pipeline.models import example_images, register_model
-from pipeline.outputs import plot_series, write_json
+from pipeline.models import example_images
+from pipeline.outputs import plot_series
 from pipeline.params import section
-from pipeline.resume import EpochState, file_key, run_key, shards_key
+from pipeline.resume import EpochState, file_key, shards_key
 from pipeline.stage import main
+from pipeline.stagerun import StageRun
 
 SECTIONS = ("seed", "finetune", "tracking")
+UNTRAINED = {"finetune": ("log_model", "stall_timeout_s")}  # keys a resumed run may change: they train nothing
 SHARDS, OUT = Path("data/shards"), Path("models/finetune/classifier.pth")
 MODELS = ("pretrained", "random_init")  # random_init: the same architecture and recipe from a random start
 STATES = {"pretrained": "finetune", "random_init": "finetune-random_init"}  # under models/resume
@@ -53,28 +56,22 @@ def run(params: dict, ctx, tracker, device) -> dict:
     pre = Preprocess(crop, p.resize_size or crop)
     train = manifest["splits"]["train"]
     steps = train["count"] // (p.batch_size * p.accum_steps * ctx.world_size)
-    train_batches, eval_batches, normalize, urls = _data(ctx, p, manifest, pre, seed, steps)
-    prepare = lambda x: normalize(x, device)  # noqa: E731
+    data = _data(ctx, p, manifest, pre, seed, steps, device)
+    job = StageRun("finetune", ctx, tracker, device)
     # resumed after a kill or a preemption from the last finished epoch, under the same params, data and encoder
-    key = run_key(
-        params, ("seed", "finetune"), exclude={"finetune": ("log_model", "stall_timeout_s")},
-        world_size=ctx.world_size, train=shards_key(train), checkpoint=file_key(ctx.root / p.checkpoint),
-    )  # fmt: skip
-    states = {n: EpochState(ctx.root, STATES[n], key, stage="finetune", is_main=ctx.is_main) for n in MODELS}
-    metrics, rows, split = {}, {}, "test" if "test" in urls else "val"
+    inputs = {"train": shards_key(train), "checkpoint": file_key(ctx.root / p.checkpoint)}
+    states = {n: job.state(params, ("seed", "finetune"), name=STATES[n], exclude=UNTRAINED, **inputs) for n in MODELS}
+    metrics, rows, split = {}, {}, "test" if "test" in data.urls else "val"
     for name in MODELS if p.random_init else MODELS[:1]:
         model = _classifier(name, encoder, p, seed, ctx, len(manifest["classes"])).to(device)
-        state = states[name]
-        result = _train(name, model, p, state, steps, train_batches, eval_batches, prepare, pre, manifest, ctx,
-                        tracker, device)  # fmt: skip
+        result = _train(name, model, p, states[name], data, job, device)
         if result is None:
-            return preemption.stopped("finetune", f"{state.path} resumes from the last finished epoch")
+            return job.stopped(states[name])
         barrier()  # rank 0 has written the best classifier
-        best, _, _ = load_classifier(state.companion("best.pth"))
-        test = evaluate(best.to(device), eval_batches(split), prepare=prepare, device=device)
-        got = {"top1": test["top1"], "top5": test["top5"], "val_top1": result["val_top1"],
-               "best_epoch": result["best_epoch"], "best_weights": result["weights"]}  # fmt: skip
-        got |= {k: v for k, v in result.items() if k.startswith("lp_")}
+        best, _, _ = load_classifier(states[name].companion("best.pth"))
+        test = evaluate(best.to(device), data.eval_batches(split), prepare=data.prepare, device=device)
+        got = {k: test[k] for k in ("top1", "top5")} | {k: result[k] for k in ("val_top1", "best_epoch")}
+        got |= {"best_weights": result["weights"]} | {k: v for k, v in result.items() if k.startswith("lp_")}
         metrics |= {k if name == "pretrained" else f"{name}_{k}": v for k, v in got.items()}
         metrics |= {"lr": result["lr"], "steps": result["steps"], "world_size": ctx.world_size}
         for r in result["history"]:
@@ -88,15 +85,14 @@ def run(params: dict, ctx, tracker, device) -> dict:
     for state in states.values():
         state.companion("best.pth").unlink(missing_ok=True)  # the random-init classifier: its metrics only
         state.finish()
-    write_json(ctx.root / "metrics/finetune.json", metrics)
     curves = [f"{n}_{k}" for n in MODELS if f"{n}_train_loss" in rows[1] for k in ("train_loss", "model_val_top1")]
     png = plot_series(list(rows.values()), "epoch", curves, ctx.root / "plots/finetune.png", "finetuning")
-    tracker.log_artifact(png, "plots")
-    if p.log_model:
-        best, _, _ = load_classifier(ctx.root / OUT)
-        example = example_images(urls[split], pre.crop_size, pre.resize_size)
-        register_model(tracker, ctx, section(params, "tracking"), "classifier", best, example)
-    return metrics
+
+    def model():
+        example = example_images(data.urls[split], pre.crop_size, pre.resize_size)
+        return section(params, "tracking"), "classifier", load_classifier(ctx.root / OUT)[0], example
+
+    return job.publish(metrics, plots=[png], model=model if p.log_model else None)
 
 
 def _classifier(name: str, encoder, p, seed: int, ctx, num_classes: int) -> Classifier:
@@ -104,8 +100,7 @@ def _classifier(name: str, encoder, p, seed: int, ctx, num_classes: int) -> Clas
     seed; every rank draws its augmentation and drop path differently afterwards (DDP starts from rank 0's
     weights)."""
     if name == "random_init":
-        torch.manual_seed(seed + 2)
-        encoder = VisionTransformer(**encoder.arch())
+        encoder = random_like(encoder, seed)
     torch.manual_seed(seed + 1)  # the same head initialisation for both
     model = Classifier(with_drop_path(encoder, p.drop_path), num_classes)
     if ctx.world_size > 1:
@@ -113,49 +108,58 @@ def _classifier(name: str, encoder, p, seed: int, ctx, num_classes: int) -> Clas
     return model
 
 
-def _train(name, model, p, state, steps, train_batches, eval_batches, prepare, pre, manifest, ctx, tracker, device):
+class Data(NamedTuple):
+    """What both classifiers train and are evaluated on (``_data``)."""
+
+    train_batches: Callable  # epoch -> this rank's augmented training micro-batches
+    eval_batches: Callable  # split -> this rank's share of an evaluation split
+    prepare: Callable  # uint8 images -> normalised on the device
+    preprocess: Preprocess
+    classes: list[str]
+    steps: int
+    urls: dict
+
+
+def _train(name: str, model: Classifier, p, state: EpochState, data: Data, job: StageRun, device) -> dict | None:
     """One classifier through ``train_classifier``, its epochs logged to MLflow under ``<name>_`` keys; with
     ``finetune.lp_steps`` its head is first fitted on the frozen encoder (LP-FT; repeated exactly on a resume,
     whose saved state then replaces it)."""
-    lp = {}
+    ctx, log, lp = job.ctx, job.tracker.log_metrics, {}
+    evaluation = {"prepare": data.prepare, "device": device, "bf16": p.bf16}
     if p.lp_steps:
-        fit = fit_head(model, eval_batches("train"), prepare=prepare, device=device, steps=p.lp_steps, lr=p.lp_lr,
-                       bf16=p.bf16)  # fmt: skip
-        val = evaluate(model, eval_batches("val"), prepare=prepare, device=device, bf16=p.bf16)
+        fit = fit_head(model, data.eval_batches("train"), steps=p.lp_steps, lr=p.lp_lr, **evaluation)
+        val = evaluate(model, data.eval_batches("val"), **evaluation)
         lp = {"lp_train_top1": fit["train_top1"], "lp_val_top1": val["top1"]}
         if ctx.is_main:
             print(f"finetune {name}: LP-FT head fitted in {p.lp_steps} steps, val top-1 {val['top1']:.4f}", flush=True)
-        tracker.log_metrics({f"{name}_{k}": v for k, v in lp.items()}, step=0)
-    bar = tqdm(total=steps * p.epochs, desc=f"finetune {name}", mininterval=5, disable=not ctx.is_main)
-    log = lambda e, row: tracker.log_metrics({f"{name}_{k}": v for k, v in row.items() if k != "epoch"}, step=e)  # noqa: E731
+        log({f"{name}_{k}": v for k, v in lp.items()}, step=0)
+    bar = tqdm(total=data.steps * p.epochs, desc=f"finetune {name}", mininterval=5, disable=not ctx.is_main)
     try:
         result = train_classifier(
             ddp(model, device),
             p.spec(),
-            steps_per_epoch=steps,
-            train_batches=train_batches,
-            eval_batches=eval_batches,
-            prepare=prepare,
+            steps_per_epoch=data.steps,
+            train_batches=data.train_batches,
+            eval_batches=data.eval_batches,
+            prepare=data.prepare,
             device=device,
             best_path=state.companion("best.pth"),  # outside models/finetune, which DVC deletes before a rerun
-            class_names=manifest["classes"],
-            preprocess=pre,
+            class_names=data.classes,
+            preprocess=data.preprocess,
             world_size=ctx.world_size,
             is_main=ctx.is_main,
-            on_epoch=log,
+            on_epoch=lambda e, row: log({f"{name}_{k}": v for k, v in row.items() if k != "epoch"}, step=e),
             progress=lambda loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}", refresh=False)),
             state=state,
-            should_stop=preemption.stop_requested(device),
+            should_stop=job.should_stop,
         )
     finally:
         bar.close()
     return None if result is None else result | lp
 
 
-def _data(ctx, p, manifest: dict, pre: Preprocess, seed: int, steps: int):
-    """(train_batches, eval_batches, normalize, urls): this rank's augmented training micro-batches of an epoch
-    and its share of an evaluation split; with ``in_memory`` every split is decoded once for all epochs and
-    batches are built in this process."""
+def _data(ctx, p, manifest: dict, pre: Preprocess, seed: int, steps: int, device) -> Data:
+    """With ``in_memory`` every split is decoded once for all epochs and batches are built in this process."""
     train = manifest["splits"]["train"]
     train_tf = pretrain_transform(
         pre.crop_size, crop_scale=p.crop_scale, horizontal_flip=p.horizontal_flip, rand_augment=p.rand_augment
@@ -163,24 +167,24 @@ def _data(ctx, p, manifest: dict, pre: Preprocess, seed: int, steps: int):
     urls = {s: shard_urls(ctx.root / SHARDS, s) for s in labelled_splits(manifest)}
     decoded = {s: decode_split(u, setting="finetune.in_memory") for s, u in urls.items()} if p.in_memory else {}
     eval_tf = eval_transform(pre.crop_size, pre.resize_size)
-    shard = dict(rank=ctx.rank, world_size=ctx.world_size)
+    shard = {"rank": ctx.rank, "world_size": ctx.world_size}
+    loader = {"num_workers": p.num_workers, "stall_timeout": p.stall_timeout_s} | shard
+    counts = [s["count"] for s in train["shards"]]
+    stream = {"batch_size": p.batch_size, "transform": train_tf, "seed": seed, "counts": counts}
 
     def train_batches(epoch):
-        return epoch_batches(
-            decoded.get("train", urls["train"]), collator=None, batches_per_epoch=steps * p.accum_steps,
-            epoch=epoch, num_workers=p.num_workers, stall_timeout=p.stall_timeout_s, batch_size=p.batch_size,
-            transform=train_tf, seed=seed, counts=[s["count"] for s in train["shards"]], **shard,
-        )  # fmt: skip
+        source, per_epoch = decoded.get("train", urls["train"]), steps * p.accum_steps
+        return epoch_batches(source, collator=None, batches_per_epoch=per_epoch, epoch=epoch, **stream, **loader)
 
     def eval_batches(split):
         if decoded:
             return memory_eval_batches(decoded[split], batch_size=256, transform=eval_tf, **shard)
-        return eval_loader(
-            urls[split], batch_size=256, transform=eval_tf, num_workers=p.num_workers, stall_timeout=p.stall_timeout_s,
-            name=f"finetune eval loader ({split})", **shard,
-        )  # fmt: skip
+        name = f"finetune eval loader ({split})"
+        return eval_loader(urls[split], batch_size=256, transform=eval_tf, name=name, **loader)
 
-    return train_batches, eval_batches, Normalize(pre.mean, pre.std), urls
+    normalize = Normalize(pre.mean, pre.std)
+    prepare = lambda x: normalize(x, device)  # noqa: E731
+    return Data(train_batches, eval_batches, prepare, pre, manifest["classes"], steps, urls)
 
 
 if __name__ == "__main__":

@@ -29,17 +29,18 @@ from ijepa.data.memory import decode_split, epoch_batches
 from ijepa.data.transforms import Normalize
 from ijepa.distributed import all_reduce_mean, wrap_ddp
 from ijepa.pretrain import pretrain
-from pipeline import preemption
 from pipeline.distributed import distributed_stage
-from pipeline.models import example_images, register_model
+from pipeline.models import example_images
 from pipeline.monitoring import COLUMNS as MONITOR_COLUMNS
 from pipeline.monitoring import MonitorHook, build_health_monitor, health_metrics, plot_health
 from pipeline.outputs import StepCSV, plot_series, read_rows, write_json
 from pipeline.params import ParamError, check_mask_geometry, mask_collator, section
-from pipeline.resume import RESUME_DIR, check_history, checkpoint_step, run_key, shards_key
+from pipeline.resume import RESUME_DIR, check_history, checkpoint_step, shards_key
 from pipeline.stage import main
+from pipeline.stagerun import StageRun
 
 SECTIONS = ("seed", "data", "model", "mask", "optim", "pretrain", "objective", "tracking")
+TRAINED = SECTIONS[:-1]  # what a checkpoint was trained under (tracking changes no weight)
 SHARDS, OUT, LATEST = Path("data/shards"), Path("models/pretrain"), "jepa-latest.pth.tar"
 WORK = RESUME_DIR / "pretrain"  # the run in progress; OUT, the DVC output, holds finished runs only
 COLUMNS = ["step", "epoch", "loss", "lr", "wd", "momentum", "k_enc", "k_pred"]
@@ -59,12 +60,10 @@ def run(params: dict, ctx, tracker, device) -> dict:
     manifest = read_manifest(ctx.root / SHARDS)
     train_split = _training_split(ctx.root / SHARDS, manifest, pre.splits)
     ipe = _steps_per_epoch(train_split["count"], pre.batch_size, ctx.world_size)
+    job = StageRun("pretrain", ctx, tracker, device)
     # what a checkpoint continues (pipeline.resume): the params but the monitor's and the tracking's (they change
     # no weight), the world size (effective batch, each rank's data) and the training shards themselves
-    key = run_key(
-        params, [s for s in SECTIONS if s != "tracking"], exclude={"pretrain": ("monitor",)},
-        world_size=ctx.world_size, train=shards_key(train_split),
-    )  # fmt: skip
+    key = job.key(params, TRAINED, exclude={"pretrain": ("monitor",)}, train=shards_key(train_split))
     work = ctx.root / WORK
     start = _enter(ctx.root, key) if ctx.is_main else 0
     # rank 0 alone touches the logs (others would truncate them under its feet)
@@ -88,29 +87,36 @@ def run(params: dict, ctx, tracker, device) -> dict:
         else None
     )
     hook = MonitorHook(health, pre.monitor, ipe, monitor_csv, tracker) if health else None
+    ddp = {"wrap": lambda jepa: wrap_ddp(jepa, device), "reduce_loss": all_reduce_mean} if ctx.world_size > 1 else {}
     t0 = time.perf_counter()
     try:
         result = pretrain(
-            model=model.spec(data, section(params, "objective")), ipe=ipe,
+            model=model.spec(data, section(params, "objective")),
             optim=optim.spec(pre.epochs, pre.batch_size * ctx.world_size),
-            batch_size=pre.batch_size, make_batches=_batches(ctx, data, mask, pre, seed, train_split, ipe, device),
-            out_dir=work, device=device, seed=seed, save_every_epochs=pre.save_every_epochs,
-            world_size=ctx.world_size, is_main=ctx.is_main,
-            wrap=(lambda jepa: wrap_ddp(jepa, device)) if ctx.world_size > 1 else None,
-            reduce_loss=all_reduce_mean if ctx.world_size > 1 else None, on_step=on_step,
+            ipe=ipe,
+            batch_size=pre.batch_size,
+            make_batches=_batches(ctx, data, mask, pre, seed, train_split, ipe, device),
+            out_dir=work,
+            device=device,
+            seed=seed,
+            save_every_epochs=pre.save_every_epochs,
+            world_size=ctx.world_size,
+            is_main=ctx.is_main,
+            on_step=on_step,
             on_epoch=lambda e, loss: tracker.log_metrics({"epoch_loss": loss}, step=e),
-            should_stop=preemption.stop_requested(device), monitor=hook,
+            should_stop=job.should_stop,
+            monitor=hook,
             monitor_every=pre.monitor.every,
-            params={"params_hash": key, "sections": {s: params[s] for s in SECTIONS if s != "tracking"}},
-        )  # fmt: skip
+            params={"params_hash": key, "sections": {s: params[s] for s in TRAINED}},
+            **ddp,
+        )
     finally:  # a stopped run's error starts on a line of its own
         bar.close()
     seconds = time.perf_counter() - t0
     if ctx.is_main:  # rank 0 records the time (every rank trains the same steps)
         timing = _run_timing(work / TIMING, key, start, result["step"] - start, seconds, hook.seconds if hook else 0)
     if result["stopped"]:
-        where = f"{result['checkpoint']} resumes from step {result['step']}"
-        return preemption.stopped("pretrain", where, steps=result["step"])
+        return job.stopped(f"{result['checkpoint']} resumes from step {result['step']}", steps=result["step"])
     if not ctx.is_main:
         return {"steps": result["step"], "world_size": ctx.world_size}
     # the run's own pace, from every invocation that trained steps: a finished run re-entered (DVC reruns the
@@ -119,7 +125,7 @@ def run(params: dict, ctx, tracker, device) -> dict:
     speed = round(steps * pre.batch_size * ctx.world_size / timing["seconds"], 1) if steps else None
     rows, health_rows = steps_csv.read(), monitor_csv.read()
     result["checkpoint"] = _publish(ctx.root)
-    return _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, speed, ipe)
+    return _outputs(job, params, result, rows, health_rows, health, timing, speed, ipe)
 
 
 def _enter(root: Path, key: str) -> int:
@@ -241,29 +247,26 @@ def _batches(ctx, data, mask, pre, seed: int, train_split: dict, ipe: int, devic
     (after a preemption) rebuilds the epoch and skips the batches it already trained on."""
     urls = train_split["urls"]
     collator = mask_collator(mask, data, seed=seed, rank=ctx.rank)
-    transform = pretrain_transform(
-        data.crop_size, crop_scale=data.crop_scale, horizontal_flip=data.horizontal_flip,
-        color_distortion=data.color_distortion, color_jitter=data.color_jitter, gaussian_blur=data.gaussian_blur,
-    )  # fmt: skip
+    augment = ("crop_scale", "horizontal_flip", "color_distortion", "color_jitter", "gaussian_blur")
+    transform = pretrain_transform(data.crop_size, **{k: getattr(data, k) for k in augment})
     normalize = Normalize()
-    split = decode_split(urls, setting="data.in_memory") if data.in_memory else None  # decoded once for every epoch
+    source = decode_split(urls, setting="data.in_memory") if data.in_memory else urls  # decoded once for every epoch
+    stream = {"collator": collator, "batches_per_epoch": ipe, "batch_size": pre.batch_size, "transform": transform}
+    stream |= {"seed": seed, "rank": ctx.rank, "world_size": ctx.world_size, "num_workers": data.num_workers}
+    stream |= {"stall_timeout": data.stall_timeout_s, "shuffle_buffer": data.shuffle_buffer}
+    stream |= {"counts": [s["count"] for s in train_split["shards"]]}
 
     def make_batches(epoch: int, start_step: int):
-        loader = epoch_batches(
-            split if split is not None else urls, collator=collator, batches_per_epoch=ipe, epoch=epoch,
-            start=start_step - epoch * ipe, batch_size=pre.batch_size, transform=transform, seed=seed,
-            rank=ctx.rank, world_size=ctx.world_size, num_workers=data.num_workers,
-            stall_timeout=data.stall_timeout_s, shuffle_buffer=data.shuffle_buffer,
-            counts=[s["count"] for s in train_split["shards"]],
-        )  # fmt: skip
+        loader = epoch_batches(source, epoch=epoch, start=start_step - epoch * ipe, **stream)
         for (imgs, _), masks_enc, masks_pred in loader:
             yield normalize(imgs, device), masks_enc, masks_pred
 
     return make_batches
 
 
-def _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, speed, ipe) -> dict:
+def _outputs(job: StageRun, params, result, rows, health_rows, health, timing, speed, ipe) -> dict:
     """Rank 0's metrics, plots, MLflow artifacts and the registered target encoder of a finished run."""
+    ctx = job.ctx
     data, model, pre = section(params, "data"), section(params, "model"), section(params, "pretrain")
     optim = section(params, "optim")
     first = [r["loss"] for r in rows if r["epoch"] == 0]
@@ -281,23 +284,21 @@ def _outputs(ctx, tracker, params, result, rows, health_rows, health, timing, sp
         "lr_scale": round(optim.lr_scale(pre.batch_size * ctx.world_size), 6),
         "monitor_seconds": round(timing["monitor_seconds"], 2),  # in the health monitor, over the run (as the speed)
     } | health_metrics(health_rows)
-    write_json(ctx.root / "metrics/pretrain.json", metrics)
     title = f"I-JEPA pretraining ({model.name}, {data.crop_size}/{data.patch_size})"
-    png = plot_series(rows, "step", ["loss", "lr", "momentum"], ctx.root / "plots/pretrain_curves.png", title)
-    tracker.log_artifact(png, "plots")
+    curves = plot_series(rows, "step", ["loss", "lr", "momentum"], ctx.root / "plots/pretrain_curves.png", title)
+    monitor = plot_health(health_rows, health, ctx.root / "plots/pretrain_monitor.png")
     for name, published in ((STEPS, STEPS_CSV), (MONITOR, MONITOR_CSV)):
         shutil.copyfile(ctx.root / OUT / name, ctx.root / published)
-    tracker.log_artifact(ctx.root / STEPS_CSV, "metrics")
-    tracker.log_artifact(plot_health(health_rows, health, ctx.root / "plots/pretrain_monitor.png"), "plots")
-    tracker.log_artifact(ctx.root / MONITOR_CSV, "metrics")
-    tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
-    if pre.log_model:  # the target encoder, what every downstream stage evaluates
-        manifest = read_manifest(ctx.root / SHARDS)
-        split = "val" if "val" in manifest["splits"] else "train"
+    job.tracker.log_dict(load_checkpoint_meta(result["checkpoint"]), "checkpoint/meta.json")
+
+    def encoder():  # the target encoder, what every downstream stage evaluates
+        split = "val" if "val" in read_manifest(ctx.root / SHARDS)["splits"] else "train"
         example = example_images(shard_urls(ctx.root / SHARDS, split), data.crop_size)
-        encoder = load_encoder(result["checkpoint"], which="target_encoder")
-        register_model(tracker, ctx, section(params, "tracking"), "encoder", encoder, example)
-    return metrics
+        weights = load_encoder(result["checkpoint"], which="target_encoder")
+        return section(params, "tracking"), "encoder", weights, example
+
+    files = [ctx.root / STEPS_CSV, ctx.root / MONITOR_CSV]
+    return job.publish(metrics, plots=[curves, monitor], files=files, model=encoder if pre.log_model else None)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from ijepa.device import pick_device
 from ijepa.seg.data import IGNORE, SegDataset
 from ijepa.seg.infer import colorize, evaluate_segmentation, predict_ids
 from ijepa.seg.model import load_segmenter
-from pipeline.outputs import new_figure, save_figure, write_json
+from pipeline.outputs import new_figure, save_figure
 from pipeline.params import section
 from pipeline.stage import main
+from pipeline.stagerun import StageRun
 
 SECTIONS = ("seg_data", "seg_eval", "tracking")
 MODELS = Path("models/seg")
@@ -75,11 +76,11 @@ def run(params: dict, ctx, tracker) -> dict:
         models[name] = model.to(device)
     ds = SegDataset(ctx.root / d.val_dir, classes, d.mask_format, (pre.height, pre.width), train=False)
     unknown = ds.scan_masks()
+    loader = {"batch_size": p.batch_size, "num_workers": p.num_workers}
     for name, model in models.items():
         results[name], _ = evaluate_segmentation(
-            model, ds, len(classes.names), device, batch_size=p.batch_size, num_workers=p.num_workers,
-            desc=f"seg_eval {name}",
-        )  # fmt: skip
+            model, ds, len(classes.names), device, desc=f"seg_eval {name}", **loader
+        )
     pt, ri = results["pretrained"], results["random_init"]
     metrics = {
         "miou": round(pt["miou"], 5),
@@ -91,13 +92,11 @@ def run(params: dict, ctx, tracker) -> dict:
         "val_images": len(ds),
         "unknown_color_pixels": unknown["unknown_pixels"],
     }
-    write_json(ctx.root / "metrics/seg_eval.json", metrics)
     chart = iou_chart(list(classes.names), results, ctx.root / "plots/seg_iou.png")
     grid = overlay_grid(
         models, ds, classes.names, classes.vis_colors, p.overlays, device, ctx.root / "plots/seg_overlays.png"
     )
-    for png in (chart, grid):
-        tracker.log_artifact(png, "plots")
+    StageRun("seg_eval", ctx, tracker, device).publish(metrics, plots=[chart, grid])
     return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
 
 

@@ -15,17 +15,16 @@ import numpy as np
 import torch
 
 from ijepa.checkpoint import load_encoder
-from ijepa.models.vit import VisionTransformer
+from ijepa.models.vit import VisionTransformer, random_like
 from ijepa.seg.data import SegDataset, load_class_config
 from ijepa.seg.model import SegmentationModel, SegPreprocess, load_segmenter, save_segmenter
 from ijepa.seg.train import train_segmentation
-from pipeline import preemption
 from pipeline.distributed import distributed_stage
-from pipeline.models import register_model
-from pipeline.outputs import plot_series, write_json
+from pipeline.outputs import plot_series
 from pipeline.params import ParamError, section
-from pipeline.resume import EpochState, file_key, folder_key, run_key
+from pipeline.resume import file_key, folder_key
 from pipeline.stage import main
+from pipeline.stagerun import StageRun
 
 SECTIONS = ("seed", "seg_data", "seg_train", "tracking")
 OUT = Path("models/seg")
@@ -34,10 +33,8 @@ MODELS = ("pretrained", "random_init")
 
 def build_models(p, encoder: VisionTransformer, num_classes: int, seed: int) -> dict[str, SegmentationModel]:
     """The same head on the given encoder and on a random-init encoder of the same architecture."""
-    torch.manual_seed(seed)
-    random_init = VisionTransformer(**encoder.arch())
     models = {}
-    for name, enc in zip(MODELS, (encoder, random_init), strict=True):
+    for name, enc in zip(MODELS, (encoder, random_like(encoder, seed)), strict=True):
         torch.manual_seed(seed + 1)  # identical head initialisation for both
         models[name] = SegmentationModel(
             enc,
@@ -61,26 +58,20 @@ def run(params: dict, ctx, tracker, device) -> dict:
         )
     if p.layers > encoder.depth:
         raise ParamError(f"seg_train.layers: {p.layers} exceeds the encoder's {encoder.depth} blocks")
-    classes = load_class_config(ctx.root / d.classes)
-    train_ds = SegDataset(
-        ctx.root / d.train_dir, classes, d.mask_format, (d.height, d.width), train=True, scale=p.scale,
-        hflip=p.hflip, seed=seed,
-    )  # fmt: skip
-    spec = p.spec()
-    pre = SegPreprocess(d.height, d.width)
-    metrics, rows = {}, {}
+    classes, size = load_class_config(ctx.root / d.classes), (d.height, d.width)
+    augment = {"scale": p.scale, "hflip": p.hflip, "seed": seed}
+    train_ds = SegDataset(ctx.root / d.train_dir, classes, d.mask_format, size, train=True, **augment)
+    pre, metrics, rows = SegPreprocess(d.height, d.width), {}, {}
+    job = StageRun("seg_train", ctx, tracker, device)
     # each model resumed after a kill or a preemption from its last finished epoch (a finished one: from its end)
-    key = run_key(
-        params, ("seed", "seg_data", "seg_train"), exclude={"seg_train": ("log_model",)},
-        world_size=ctx.world_size, checkpoint=file_key(ctx.root / p.checkpoint),
-        train=folder_key(ctx.root / d.train_dir),
-    )  # fmt: skip
-    states = {n: EpochState(ctx.root, f"seg_train-{n}", key, stage="seg_train", is_main=ctx.is_main) for n in MODELS}
+    inputs = {"checkpoint": file_key(ctx.root / p.checkpoint), "train": folder_key(ctx.root / d.train_dir)}
+    sections, untrained = ("seed", "seg_data", "seg_train"), {"seg_train": ("log_model",)}
+    states = {n: job.state(params, sections, name=f"seg_train-{n}", exclude=untrained, **inputs) for n in MODELS}
     for name, model in build_models(p, encoder, len(classes.names), seed).items():
         history = train_segmentation(
             model,
             train_ds,
-            spec,
+            p.spec(),
             device,
             seed=seed,
             rank=ctx.rank,
@@ -88,15 +79,13 @@ def run(params: dict, ctx, tracker, device) -> dict:
             desc=f"seg_train {name}",
             on_step=lambda r, name=name: tracker.log_metrics({f"{name}_loss": r["loss"]}, step=r["step"]),
             state=states[name],
-            should_stop=preemption.stop_requested(device),
+            should_stop=job.should_stop,
         )
         if history is None:
-            return preemption.stopped("seg_train", f"{states[name].path} resumes from the last finished epoch")
+            return job.stopped(states[name])
         if ctx.is_main:
-            save_segmenter(
-                ctx.root / OUT / f"{name}.pth", model.cpu(), classes, pre, encoder=name, checkpoint=p.checkpoint,
-                which=p.which, epochs=p.epochs,
-            )  # fmt: skip
+            info = {"encoder": name, "checkpoint": p.checkpoint, "which": p.which, "epochs": p.epochs}
+            save_segmenter(ctx.root / OUT / f"{name}.pth", model.cpu(), classes, pre, **info)
         metrics[f"{name}_final_loss"] = round(history[-1]["loss"], 5)
         for r in history:
             rows.setdefault(r["epoch"], {"epoch": r["epoch"]})[f"{name}_loss"] = r["loss"]
@@ -105,18 +94,16 @@ def run(params: dict, ctx, tracker, device) -> dict:
     if not ctx.is_main:
         return metrics
     metrics["train_images"] = len(train_ds)
-    write_json(ctx.root / "metrics/seg_train.json", metrics)
-    png = plot_series(
-        list(rows.values()), "epoch", ["pretrained_loss", "random_init_loss"], ctx.root / "plots/seg_train.png",
-        f"segmentation head ({p.head}, {'frozen' if p.freeze_encoder else 'finetuned'} encoder)",
-    )  # fmt: skip
-    tracker.log_artifact(png, "plots")
-    if p.log_model:
-        val = SegDataset(ctx.root / d.val_dir, classes, d.mask_format, (d.height, d.width), train=False)
+    title = f"segmentation head ({p.head}, {'frozen' if p.freeze_encoder else 'finetuned'} encoder)"
+    curves = [f"{n}_loss" for n in MODELS]
+    png = plot_series(list(rows.values()), "epoch", curves, ctx.root / "plots/seg_train.png", title)
+
+    def model():
+        val = SegDataset(ctx.root / d.val_dir, classes, d.mask_format, size, train=False)
         example = np.stack([val[i][0][..., ::-1] for i in range(min(2, len(val)))])
-        pretrained, _, _ = load_segmenter(ctx.root / OUT / "pretrained.pth")
-        register_model(tracker, ctx, section(params, "tracking"), "segmenter", pretrained, example)
-    return metrics
+        return section(params, "tracking"), "segmenter", load_segmenter(ctx.root / OUT / "pretrained.pth")[0], example
+
+    return job.publish(metrics, plots=[png], model=model if p.log_model else None)
 
 
 if __name__ == "__main__":
