@@ -224,3 +224,9 @@ def test_class_colour_plots_carry_a_legend(tmp_path):
     colours = [tuple(round(255 * v) for v in h.get_facecolor()[:3]) for h in legend.legend_handles]
     assert colours == [*map(tuple, SEG_CLASSES.vis_colors), (255, 255, 255)]
     assert path.stat().st_size > 1000
+
+
+def test_an_unknown_lr_schedule_is_refused_before_any_training():
+    """The one schedule function knows cosine and poly decay; any other name is one line, before a step runs."""
+    with pytest.raises(ValueError, match=r"schedule must be 'poly' or 'cosine', got 'step'"):
+        train_segmentation(None, None, SegTrainSpec(schedule="step"), torch.device("cpu"))
