@@ -306,6 +306,31 @@ class FinetuneSpec:
     random_erasing: float = 0.25  # MAE's reprob: per-image probability of one noise-filled box
 
 
+def finetune_epoch(model, optimizer, batches, spec, mix, ema, lr_at, step: int, prepare, device, progress=None):
+    """One epoch of optimizer steps, each over ``spec.accum_steps`` micro-batches (RandomErasing, then
+    MixUp/CutMix): the lr is ``lr_at(step)``, the loss is averaged over ranks and must be finite, the EMA
+    follows every step. Returns (the epoch's mean loss, the step after it)."""
+    model.train()
+    micro, losses = [], []
+    for imgs, labels in batches:
+        x = random_erasing(prepare(imgs), spec.random_erasing)
+        micro.append(mix(x, torch.as_tensor(labels).to(device)))
+        if len(micro) < spec.accum_steps:
+            continue
+        set_lr(optimizer, lr_at(step))
+        loss = accumulate_step(model, optimizer, micro, device=device, bf16=spec.bf16)
+        losses.append(float(all_reduce_mean(torch.tensor([loss], device=device))[0]))
+        micro = []
+        if not math.isfinite(losses[-1]):
+            raise NonFiniteLossError(f"finetuning loss is {losses[-1]} at step {step}; lower finetune.lr")
+        if ema is not None:
+            update_ema(ema, unwrap(model), spec.ema_decay)
+        step += 1
+        if progress is not None:
+            progress(losses[-1])
+    return sum(losses) / max(len(losses), 1), step
+
+
 def train_classifier(
     model: Classifier,
     spec: FinetuneSpec,
@@ -357,6 +382,10 @@ def train_classifier(
     mix = MixTargets(core.head.out_features, spec.mixup, spec.cutmix, spec.label_smoothing)
     ema = ema_copy(core) if spec.model_ema else None
     total, warmup = spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch)
+
+    def lr_at(step: int) -> float:
+        return warmup_cosine(step, warmup=warmup, total=total, ref=lr, final=spec.min_lr)
+
     step, best, history = 0, {"val_top1": -1.0}, []
     loop = EpochLoop(spec.epochs, state, should_stop)
     if (saved := loop.saved) is not None:
@@ -366,46 +395,24 @@ def train_classifier(
             ema.load_state_dict(saved["ema"])
         step, best, history = saved["step"], saved["best"], saved["history"]
     for epoch in loop:
-        model.train()
-        micro, losses = [], []
-        for imgs, labels in train_batches(epoch):
-            x = random_erasing(prepare(imgs), spec.random_erasing)
-            micro.append(mix(x, torch.as_tensor(labels).to(device)))
-            if len(micro) < spec.accum_steps:
-                continue
-            set_lr(optimizer, warmup_cosine(step, warmup=warmup, total=total, ref=lr, final=spec.min_lr))
-            loss = accumulate_step(model, optimizer, micro, device=device, bf16=spec.bf16)
-            losses.append(float(all_reduce_mean(torch.tensor([loss], device=device))[0]))
-            micro = []
-            if not math.isfinite(losses[-1]):
-                raise NonFiniteLossError(f"finetuning loss is {losses[-1]} at step {step}; lower finetune.lr")
-            if ema is not None:
-                update_ema(ema, core, spec.ema_decay)
-            step += 1
-            if progress is not None:
-                progress(losses[-1])
-        scored = evaluate(core, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16)
-        candidates = [("model", core, scored)]
-        if ema is not None:
-            candidates.append(
-                ("ema", ema, evaluate(ema, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16))
-            )
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": sum(losses) / max(len(losses), 1),
-            "lr": optimizer.param_groups[-1]["lr"],
-            **{f"{name}_val_top1": s["top1"] for name, _, s in candidates},
+        batches = train_batches(epoch)
+        loss, step = finetune_epoch(model, optimizer, batches, spec, mix, ema, lr_at, step, prepare, device, progress)
+        candidates = [("model", core), *([("ema", ema)] if ema is not None else [])]
+        scores = {
+            n: evaluate(net, eval_batches("val"), prepare=prepare, device=device, bf16=spec.bf16)
+            for n, net in candidates
         }
-        history.append(row)
-        for name, net, s in candidates:
-            if s["top1"] > best["val_top1"]:
-                best = {"val_top1": s["top1"], "val_top5": s["top5"], "best_epoch": epoch + 1, "weights": name}
+        row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[-1]["lr"]}
+        history.append(row | {f"{n}_val_top1": s["top1"] for n, s in scores.items()})
+        for name, net in candidates:
+            if scores[name]["top1"] > best["val_top1"]:  # a strict gain: the model before its EMA on a tie
+                best = {"val_top1": scores[name]["top1"], "val_top5": scores[name]["top5"], "best_epoch": epoch + 1}
+                best["weights"] = name
                 if is_main:
-                    save_classifier(
-                        best_path, net, class_names, preprocess, epoch=epoch + 1, weights=name, val_top1=s["top1"]
-                    )
+                    meta = {"epoch": epoch + 1, "weights": name, "val_top1": scores[name]["top1"]}
+                    save_classifier(best_path, net, class_names, preprocess, **meta)
         if on_epoch is not None:
-            on_epoch(epoch + 1, row)
+            on_epoch(epoch + 1, history[-1])
         snapshot = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best}
         loop.end(epoch, snapshot | {"history": history} | ({"ema": ema.state_dict()} if ema is not None else {}))
     if loop.stopped:

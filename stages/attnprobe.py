@@ -52,7 +52,7 @@ def _optimisation(p) -> dict:
 def _cached(root: Path, p, seed: int, device) -> dict:
     """Every encoder's probes on the token cache, one encoder's tokens in memory at a time."""
     results, splits = {}, ("train", "val", "test")
-    bar = tqdm(total=len(ENCODERS) * len(p.lrs) * p.epochs, desc="attnprobe", mininterval=5)
+    bar = tqdm(total=len(ENCODERS) * p.epochs, desc="attnprobe", mininterval=5)
     try:
         for name in ENCODERS:
             feats = _tokens(root, name)
@@ -64,7 +64,7 @@ def _cached(root: Path, p, seed: int, device) -> dict:
                 batch_size=p.batch_size,
                 seed=seed,
                 device=device,
-                progress=lambda lr, epoch: bar.update(1),
+                progress=lambda epoch: bar.update(1),
                 **_optimisation(p),
             )
             del feats

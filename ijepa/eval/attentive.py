@@ -103,8 +103,43 @@ def new_probe(
     return probe, opt
 
 
-def best_of(table: list[dict], heads: int) -> dict:
-    """The row with the best val top-1 (the smaller lr on a tie), as a probe result."""
+def step_probes(
+    probes: Sequence, lrs: Sequence[float], tokens: torch.Tensor, y: torch.Tensor, scale: float, average_gradients=None
+) -> None:
+    """One AdamW step of every (probe, optimiser) at its lr x ``scale`` on the same standardised tokens;
+    ``average_gradients(params)`` (distributed) runs between the backward pass and the step."""
+    for (probe, opt), lr in zip(probes, lrs, strict=True):
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        loss = F.cross_entropy(probe(tokens, standardised=True), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if average_gradients is not None:
+            average_gradients(list(probe.parameters()))
+        opt.step()
+
+
+@torch.no_grad()
+def count_hits(probes: Sequence, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(len(probes), 2) float64 top-1 and top-5 hits of every probe on one batch of standardised tokens."""
+    rows = []
+    for probe, _ in probes:
+        probe.eval()
+        hit = topk_correct(probe(tokens, standardised=True), y)
+        rows.append([hit[1], hit[5]])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def best_of(lrs: Sequence[float], hits: Mapping[str, tuple[float, torch.Tensor]], heads: int) -> dict:
+    """The probe result from each split's (images, ``count_hits`` summed): a row per lr, and the row with the
+    best val top-1 (the smaller lr on a tie)."""
+    table = []
+    for i, lr in enumerate(lrs):
+        row = {"head": f"attentive_lr{lr:g}", "lr": lr}
+        for split, (n, counts) in hits.items():
+            top1, top5 = counts[i].tolist()
+            row |= {f"{split}_top1": top1 / n, f"{split}_top5": top5 / n}
+        table.append(row)
     best = max(table, key=lambda r: (r["val_top1"], -r["lr"]))
     out = {"best": best["head"], "table": table, "val_top1": best["val_top1"], "num_heads": heads}
     if "test_top1" in best:
@@ -128,6 +163,7 @@ def train_attentive_probe(
     progress=None,
 ) -> dict:
     """Train one probe per lr on ``train`` tokens, pick the best by ``val`` top-1, report it on ``test``.
+    Every probe sees the same batches in the same order (one permutation per epoch from ``seed``).
 
     AdamW with linear warmup then cosine decay to 0 (V-JEPA's probe optimiser), cross-entropy; the tokens are
     standardised once (``AttentiveProbe.standardise``) into float32.
@@ -138,7 +174,7 @@ def train_attentive_probe(
         num_classes: C. lrs: one probe per learning rate. num_heads: at most this many heads (``heads_for``).
         epochs, batch_size, weight_decay, warmup_epochs: the optimisation, shared by every probe.
         seed: initialisation and shuffling (the same for every lr).
-        progress: called with (lr, epoch) after each epoch (e.g. a progress bar).
+        progress: called with the epoch after each epoch of every lr's probe (e.g. a progress bar).
     Returns:
         {"best": name, "table": [row per lr with val/test top-1/top-5], "val_top1", "test_top1", "test_top5",
         "num_heads"}.
@@ -157,58 +193,33 @@ def train_attentive_probe(
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     # norm1 without its affine part, once per split, in float32 (twice the cache's memory, no per-step casts)
     z = {s: _standardised(tokens[s], dim) for s in splits}
-    table = []
-    for lr in lrs:
-        probe, opt = new_probe(dim, num_classes, heads, lr, weight_decay, seed, device)
-        g = torch.Generator().manual_seed(seed)
-        step = 0
-        for epoch in range(epochs):
+    probes = [new_probe(dim, num_classes, heads, lr, weight_decay, seed, device) for lr in lrs]
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(epochs):
+        for probe, _ in probes:
             probe.train()
-            perm = torch.randperm(n, generator=g)
-            for i in range(steps_per_epoch):
-                idx = perm[i * batch_size : (i + 1) * batch_size]
-                if len(idx) < 2:
-                    continue
-                for group in opt.param_groups:
-                    group["lr"] = lr * warmup_cosine(step + 1, warmup=warmup, total=total, ref=1.0)
-                x = z["train"][idx].to(device)
-                loss = F.cross_entropy(probe(x, standardised=True), labels["train"][idx].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-            if progress is not None:
-                progress(lr, epoch)
-        row = {"head": f"attentive_lr{lr:g}", "lr": lr}
-        row |= evaluate_probe(probe, {s: z[s] for s in splits[1:]}, {s: labels[s] for s in splits[1:]}, device, True)
-        table.append(row)
-    return best_of(table, heads)
+        perm = torch.randperm(n, generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            if len(idx) < 2:
+                continue
+            scale = warmup_cosine(step + 1, warmup=warmup, total=total, ref=1.0)
+            step_probes(probes, lrs, z["train"][idx].to(device), labels["train"][idx].to(device), scale)
+            step += 1
+        if progress is not None:
+            progress(epoch)
+    hits = {}
+    for split in splits[1:]:
+        counts = torch.zeros(len(lrs), 2, dtype=torch.float64)
+        for lo in range(0, len(z[split]), 1024):
+            y = labels[split][lo : lo + 1024].to(device)
+            counts += count_hits(probes, z[split][lo : lo + 1024].to(device), y)
+        hits[split] = (len(z[split]), counts)
+    return best_of(lrs, hits, heads)
 
 
 def _standardised(tokens: torch.Tensor, dim: int, chunk: int = 4096) -> torch.Tensor:
     return torch.cat(
         [F.layer_norm(tokens[i : i + chunk].float(), (dim,), eps=EPS) for i in range(0, len(tokens), chunk)]
     )
-
-
-@torch.no_grad()
-def evaluate_probe(
-    probe: AttentiveProbe,
-    tokens: Mapping[str, torch.Tensor],
-    labels: Mapping[str, torch.Tensor],
-    device: torch.device,
-    standardised: bool = False,
-    batch_size: int = 1024,
-) -> dict[str, float]:
-    """{"<split>_top1", "<split>_top5"} of ``probe`` on each split's tokens (or standardised tokens)."""
-    probe.eval()
-    row = {}
-    for split, toks in tokens.items():
-        hits = {1: 0, 5: 0}
-        for lo in range(0, len(toks), batch_size):
-            logits = probe(toks[lo : lo + batch_size].to(device), standardised)
-            for k, v in topk_correct(logits, labels[split][lo : lo + batch_size].to(device)).items():
-                hits[k] += v
-        row[f"{split}_top1"] = hits[1] / len(toks)
-        row[f"{split}_top5"] = hits[5] / len(toks)
-    return row

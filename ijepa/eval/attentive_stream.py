@@ -30,9 +30,8 @@ from ..distributed import all_reduce_sum
 from ..epochs import EpochLoop
 from ..models.vit import VisionTransformer
 from ..schedules import warmup_cosine
-from .attentive import EPS, best_of, heads_for, new_probe
+from .attentive import EPS, best_of, count_hits, heads_for, new_probe, step_probes
 from .features import pixel_tokens, pooled_features
-from .linear import topk_correct
 
 
 @torch.no_grad()
@@ -122,14 +121,7 @@ def train_attentive_probes_streaming(
             y = torch.as_tensor(labels).to(device)
             scale = warmup_cosine(step + 1, warmup=warmup, total=total, ref=1.0)
             for name, name_probes in probes.items():
-                for (probe, opt), lr in zip(name_probes, lrs, strict=True):
-                    for group in opt.param_groups:
-                        group["lr"] = lr * scale
-                    loss = F.cross_entropy(probe(tokens[name], standardised=True), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    _average_gradients(list(probe.parameters()))
-                    opt.step()
+                step_probes(name_probes, lrs, tokens[name], y, scale, _average_gradients)
             step += 1
             if progress is not None:
                 progress(step)
@@ -139,27 +131,13 @@ def train_attentive_probes_streaming(
     if loop.stopped:
         return None
     hits = _evaluate(probes, encoders, eval_batches, eval_splits, prepare, patch, device, bf16)
-    results = {}
-    for name in probes:
-        table = []
-        for i, lr in enumerate(lrs):
-            row = {"head": f"attentive_lr{lr:g}", "lr": lr}
-            for split in eval_splits:
-                n = hits[split]["n"]
-                top1, top5 = hits[split][name][i].tolist()
-                row |= {f"{split}_top1": top1 / n, f"{split}_top5": top5 / n}
-            table.append(row)
-        results[name] = best_of(table, heads[name])
-    return results
+    return {name: best_of(lrs, {s: (hits[s]["n"], hits[s][name]) for s in eval_splits}, heads[name]) for name in probes}
 
 
 @torch.no_grad()
 def _evaluate(probes, encoders, eval_batches, splits, prepare, patch, device, bf16) -> dict[str, dict]:
     """split -> {"n": images over all ranks, name: (lrs, 2) top-1 and top-5 hits over all ranks}: one pass
     over each split's batches, every encoder's tokens computed once for all its probes."""
-    for name_probes in probes.values():
-        for probe, _ in name_probes:
-            probe.eval()
     out = {}
     for split in splits:
         counts = {n: torch.zeros(len(v), 2, dtype=torch.float64) for n, v in probes.items()}
@@ -169,9 +147,7 @@ def _evaluate(probes, encoders, eval_batches, splits, prepare, patch, device, bf
             y = torch.as_tensor(labels).to(device)
             seen += len(y)
             for name, name_probes in probes.items():
-                for i, (probe, _) in enumerate(name_probes):
-                    hit = topk_correct(probe(tokens[name], standardised=True), y)
-                    counts[name][i] += torch.tensor([hit[1], hit[5]], dtype=torch.float64)
+                counts[name] += count_hits(name_probes, tokens[name], y)
         local = torch.cat([torch.tensor([float(seen)]), *[c.flatten() for c in counts.values()]])
         totals = all_reduce_sum(local.to(device)).cpu()  # on the device: NCCL reduces CUDA tensors only
         result, offset = {"n": totals[0].item()}, 1
