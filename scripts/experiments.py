@@ -27,6 +27,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], float]] = {  # name -> (metrics f
     "1-shot": ("metrics/lowshot.json", ("1shot", "pretrained", "mean"), 100),
     "1-shot rand": ("metrics/lowshot.json", ("1shot", "random_init", "mean"), 100),
     "1-shot pixels": ("metrics/lowshot.json", ("1shot", "pixels", "mean"), 100),
+    "10%": ("metrics/lowshot.json", ("10pct", "pretrained", "mean"), 100),
+    "10% pixels": ("metrics/lowshot.json", ("10pct", "pixels", "mean"), 100),
     "1%": ("metrics/lowshot.json", ("1pct", "pretrained", "mean"), 100),
     "1% rand": ("metrics/lowshot.json", ("1pct", "random_init", "mean"), 100),
     "1% pixels": ("metrics/lowshot.json", ("1pct", "pixels", "mean"), 100),

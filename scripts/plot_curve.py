@@ -3,12 +3,15 @@ the random-init and raw-pixel results of the same protocol as flat lines, and th
 
 Reads the experiments a grid ran (``make study GRID=scripts/study_curve.yaml ARGS=--in-place``), groups them by
 variant (mean and sample sd over the variant's seeds, error bars where there are several), prints the curve's
-table and draws the figure:
+table, the gaps the demo's targets name and draws the figure:
 
     python scripts/plot_curve.py scripts/study_curve.yaml [--out docs/compute_curve.png] [-A]
 
-A baseline does not depend on pretraining (the random-init encoder and the pixels are drawn and fitted the
-same way at every length), so its line is the mean over every run of the study, its band one sd.
+A baseline does not depend on pretraining, only on the seed: every length of one seed draws the same
+random-init encoder and the same label subsets and fits the same pixels. So its line is the mean over the
+study's seeds (one value per seed, however many lengths ran at it), its band one sd. Seeds move the baselines
+by more than they move the pretrained encoder (a 1% subset, a random-init draw), so a gap is taken within one
+run, pretrained minus baseline of the same seed, and then averaged over the variant's seeds.
 """
 
 from __future__ import annotations
@@ -35,19 +38,48 @@ PANELS = [  # (title, pretrained metric, {baseline label: metric})
     ("segmentation (mIoU)", "seg mIoU", {"random init": "seg rand"}),
 ]
 HEALTH = [("RankMe (end)", "RankMe"), ("online k-NN (end)", "online k-NN")]
-METRICS = sorted({m for _, p, b in PANELS for m in (p, *b.values())} | {m for _, m in HEALTH} | {"steps"})
+GAPS = [  # the demo's targets: (pretrained, baseline) of one run
+    ("linear", "linear pixels"),
+    ("1%", "1% pixels"),
+    ("10%", "10% pixels"),
+    ("attentive", "attentive rand"),
+    ("seg mIoU", "seg rand"),
+]
+METRICS = sorted(
+    {m for _, p, b in PANELS for m in (p, *b.values())}
+    | {m for _, m in HEALTH}
+    | {m for g in GAPS for m in g}
+    | {"steps"}
+)
 
 
 def rows_by_variant(grid: dict, show: list[dict]) -> dict[str, list[dict]]:
-    """variant -> one dict of METRICS per finished experiment ``<prefix>-<variant>-s<seed>``."""
+    """variant -> one dict of METRICS and its ``seed`` per finished experiment ``<prefix>-<variant>-s<seed>``."""
     runs = dict(finished(show))
     out = {}
     for variant in grid["variants"]:
         start = f"{grid['prefix']}-{variant}-s"
-        rows = [values(rev["data"], [(m, m) for m in METRICS]) for name, rev in runs.items() if name.startswith(start)]
+        rows = [
+            {**values(rev["data"], [(m, m) for m in METRICS]), "seed": name.removeprefix(start)}
+            for name, rev in runs.items()
+            if name.startswith(start)
+        ]
         if rows:
             out[variant] = rows
     return out
+
+
+def per_seed(rows: dict[str, list[dict]], metric: str) -> list[float]:
+    """One value of a baseline per seed (the first run of the seed that has it)."""
+    first = {}
+    for r in (r for rs in rows.values() for r in rs):
+        if r[metric] is not None:
+            first.setdefault(r["seed"], r[metric])
+    return list(first.values())
+
+
+def gap(r: dict, pretrained: str, baseline: str) -> float | None:
+    return None if r[pretrained] is None or r[baseline] is None else r[pretrained] - r[baseline]
 
 
 def table(rows: dict[str, list[dict]]) -> str:
@@ -57,16 +89,22 @@ def table(rows: dict[str, list[dict]]) -> str:
         cells = [f"{statistics.mean(r['steps'] for r in rs):.0f}"]  # the same at every seed
         cells += [mean_sd([r[c] for r in rs]) for c in columns[1:]]
         lines.append(f"| {variant} | {len(rs)} | " + " | ".join(cells) + " |")
-    base = sorted({m for _, _, b in PANELS for m in b.values()})
-    every = [r for rs in rows.values() for r in rs]
-    lines += ["", "| baseline (every run) | runs | mean +- sd |", "|---|---|---|"]
-    lines += [f"| {m} | {sum(r[m] is not None for r in every)} | {mean_sd([r[m] for r in every])} |" for m in base]
+    base = sorted({m for _, _, b in PANELS for m in b.values()} | {b for _, b in GAPS})
+    lines += ["", "| baseline (one value per seed) | seeds | mean +- sd |", "|---|---|---|"]
+    lines += [f"| {m} | {len(per_seed(rows, m))} | {mean_sd(per_seed(rows, m))} |" for m in base]
+    lines += [
+        "",
+        "| variant | seeds | " + " | ".join(f"{p} - {b}" for p, b in GAPS) + " |",
+        "|" + "---|" * (len(GAPS) + 2),
+    ]
+    for variant, rs in rows.items():
+        cells = [mean_sd([gap(r, p, b) for r in rs]) for p, b in GAPS]
+        lines.append(f"| {variant} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: dict[str, list[dict]], out: Path) -> Path:
     fig, axes = new_figure(3, 3, (13, 11))
-    every = [r for rs in rows.values() for r in rs]
     steps = [statistics.mean(r["steps"] for r in rs) for rs in rows.values()]
     for ax, (title, metric, baselines) in zip(axes.flat, [*PANELS, *((t, m, {}) for t, m in HEALTH)], strict=True):
         ys = [[r[metric] for r in rs if r[metric] is not None] for rs in rows.values()]
@@ -74,7 +112,7 @@ def plot(rows: dict[str, list[dict]], out: Path) -> Path:
         err = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
         ax.errorbar(steps, mean, yerr=err, marker="o", capsize=4, color="tab:blue", label="I-JEPA")
         for (label, m), colour in zip(baselines.items(), ("tab:red", "tab:gray"), strict=False):
-            vals = [r[m] for r in every if r[m] is not None]
+            vals = per_seed(rows, m)
             if not vals:
                 continue
             mu, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0

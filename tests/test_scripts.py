@@ -64,8 +64,8 @@ def _exp(name: str, steps: int, top1: float) -> dict:
 
 
 def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
-    """plot_curve groups a grid's experiments by variant (mean +- sd over seeds), prints what it draws, and
-    draws the protocols it has (empty panels for stages the runs lack)."""
+    """plot_curve groups a grid's experiments by variant (mean +- sd over seeds), prints what it draws and each
+    run's gap to its own seed's baseline, and draws the protocols it has (empty panels for stages the runs lack)."""
     from scripts.plot_curve import plot, rows_by_variant, table
 
     grid = {"prefix": "curve", "variants": {"x1": [], "x2": [], "x8": []}}
@@ -76,7 +76,9 @@ def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
     lines = table(rows).splitlines()
     assert lines[2].startswith("| x1 | 1 | 100 | 80.0 | 70.0 |")
     assert lines[3].startswith("| x2 | 2 | 200 | 83.0 +- 1.4 | 73.0 +- 1.4 |")
-    assert "| linear rand | 3 | 75.0 +- 0.0 |" in lines and "| seg rand | 0 |  |" in lines
+    # a baseline counts each seed once (seed 0 ran at two lengths); a gap is taken within each run
+    assert "| linear rand | 2 | 75.0 +- 0.0 |" in lines and "| seg rand | 0 |  |" in lines
+    assert "| x1 | 1 | -3.0 |  |  |  |  |" in lines and "| x2 | 2 | 0.0 +- 1.4 |  |  |  |  |" in lines
     assert plot(rows, tmp_path / "curve.png").stat().st_size > 10_000
 
 
