@@ -91,7 +91,7 @@ def table(rows: dict[str, list[dict]]) -> str:
         lines.append(f"| {variant} | {len(rs)} | " + " | ".join(cells) + " |")
     base = sorted({m for _, _, b in PANELS for m in b.values()} | {b for _, b in GAPS})
     lines += ["", "| baseline (one value per seed) | seeds | mean +- sd |", "|---|---|---|"]
-    lines += [f"| {m} | {len(per_seed(rows, m))} | {mean_sd(per_seed(rows, m))} |" for m in base]
+    lines += [f"| {m} | {len(v)} | {mean_sd(v)} |" for m, v in ((m, per_seed(rows, m)) for m in base)]
     lines += [
         "",
         "| variant | seeds | " + " | ".join(f"{p} - {b}" for p, b in GAPS) + " |",
