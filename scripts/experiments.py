@@ -1,13 +1,21 @@
 """DVC experiments as table rows: the one reader that `scripts/seed_table.py` and `scripts/recipe_study.py`
 share (which dvc to run, `dvc exp show --json`, the finished experiments in it, every metric a table can show,
-and the mean +- sd cell).
+and the mean +- sd cell), and a study's committed record of them.
 
 A table names its columns as ``(header, metric)`` pairs, ``metric`` a key of ``METRICS``.
+
+DVC experiments live in the git refs of the repository they ran in (``refs/exps``): a clone, a push of the
+branch, a new machine has none of them. So a study keeps a record beside its grid file
+(``scripts/study_curve.yaml`` -> ``scripts/study_curve.runs.json``), committed with the code: per experiment its
+name, the commit it ran on, its params and metrics files as `dvc exp show --json` gave them, and its stage
+times. ``with_record`` puts the recorded experiments after the live ones in `dvc exp show`'s shape, so every
+table reads them alike; a finished experiment of the same name in ``dvc exp show`` wins over its record.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -98,22 +106,73 @@ def exp_show(dvc: str, all_commits: bool = False) -> list[dict]:
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
-def finished(show: list[dict]) -> Iterator[tuple[str, dict]]:
+def finished(show: list[dict], quiet: bool = False) -> Iterator[tuple[str, dict]]:
     """(name, rev entry) of every experiment in `dvc exp show --json` that has results of its own; queued,
-    running and failed ones are named on stderr and skipped. A name found again (on an older commit, with
-    ``-A``: `dvc exp show` lists the newest commit first) is named on stderr and skipped too."""
+    running and failed ones are named on stderr (unless ``quiet``) and skipped. A name found again (on an older
+    commit, with ``-A``: `dvc exp show` lists the newest commit first) is named on stderr and skipped too. Each
+    rev entry gains ``baseline``: the commit it ran on."""
     seen = set()
+    say = (lambda _: None) if quiet else (lambda line: print(line, file=sys.stderr))
     for commit in show:
         for exp in commit.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state")
             if state in ("queued", "running", "failed"):  # no results of its own yet (or none at all)
-                print(f"skipped {exp.get('name')}: {state}", file=sys.stderr)
+                say(f"skipped {exp.get('name')}: {state}")
                 continue
             for rev in exp.get("revs") or []:
                 name = rev.get("name") or exp.get("name") or ""
                 if name in seen:
-                    older = str(commit.get("rev"))[:7]
-                    print(f"skipped {name} of {older}: a newer experiment has the name", file=sys.stderr)
+                    say(f"skipped {name} of {str(commit.get('rev'))[:7]}: a newer experiment has the name")
                 elif name and rev.get("data") and not rev.get("error"):
                     seen.add(name)
-                    yield name, rev
+                    yield name, rev | {"baseline": commit.get("rev")}
+
+
+def record_path(grid: Path) -> Path:
+    """The committed record of a study's experiments, beside its grid file: ``<grid stem>.runs.json``."""
+    return grid.with_name(f"{grid.stem}.runs.json")
+
+
+def read_record(path: Path) -> dict[str, dict]:
+    """name -> recorded run (``baseline``, ``rev``, ``stage_times``, ``data``); empty where there is no record. A
+    file that is not a record exits with one line naming it."""
+    if not path.exists():
+        return {}
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        for run in runs.values():
+            if not {"baseline", "rev", "stage_times", "data"} <= set(run) or "metrics" not in run["data"]:
+                raise KeyError(f"a run lacks one of baseline, rev, stage_times, data.metrics: {sorted(run)}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        sys.exit(f"{path}: not a study record ({type(e).__name__}: {e})")
+    return runs
+
+
+def write_record(path: Path, runs: dict[str, dict]) -> Path:
+    """Add ``runs`` (name -> rev entry of ``finished``, with ``stage_times``) to the record at ``path``, a run of
+    the same name replaced; written whole to a temporary file, then renamed over the record."""
+    record = read_record(path) | {
+        name: {
+            "baseline": run["baseline"],
+            "rev": run["rev"],
+            "stage_times": run["stage_times"],
+            "data": {k: run["data"][k] for k in ("timestamp", "params", "metrics") if k in run["data"]},
+        }
+        for name, run in runs.items()
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"runs": dict(sorted(record.items()))}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def with_record(show: list[dict], path: Path) -> list[dict]:
+    """``show`` (`dvc exp show --json`) and after it, in the same shape, each recorded run of ``path`` whose name
+    ``show`` has no finished experiment of."""
+    live = {name for name, _ in finished(show, quiet=True)}
+    by_commit: dict[str, list[dict]] = {}
+    for name, run in read_record(path).items():
+        if name not in live:
+            rev = {"name": name, "rev": run["rev"], "data": run["data"], "stage_times": run["stage_times"]}
+            by_commit.setdefault(run["baseline"], []).append({"name": name, "revs": [rev]})
+    return show + [{"rev": commit, "experiments": exps} for commit, exps in by_commit.items()]

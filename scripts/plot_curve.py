@@ -1,7 +1,8 @@
 """The compute curve of docs/results.md: each protocol's test result against pretraining steps (log scale), with
 the random-init and raw-pixel results of the same protocol as flat lines, and the health monitor's end values.
 
-Reads the experiments a grid ran (``make study GRID=scripts/study_curve.yaml ARGS=--in-place``), groups them by
+Reads the experiments a grid ran (``make study GRID=scripts/study_curve.yaml ARGS=--in-place``), those of
+``dvc exp show`` and those of the study's committed record (``scripts/study_curve.runs.json``), groups them by
 variant (mean and sample sd over the variant's seeds, error bars where there are several), prints the curve's
 table, the gaps the demo's targets name and draws the figure:
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.outputs import new_figure, save_figure  # noqa: E402
-from scripts.experiments import dvc_command, exp_show, finished, mean_sd, values  # noqa: E402
+from scripts.experiments import dvc_command, exp_show, finished, mean_sd, record_path, values, with_record  # noqa: E402
 from scripts.recipe_study import load_grid  # noqa: E402
 
 PANELS = [  # (title, pretrained metric, {baseline label: metric})
@@ -135,7 +136,8 @@ def main() -> None:
     ap.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
     args = ap.parse_args()
     grid = load_grid(args.grid)
-    rows = rows_by_variant(grid, exp_show(dvc_command("activate the project's .venv"), args.all_commits))
+    show = exp_show(dvc_command("activate the project's .venv"), args.all_commits)
+    rows = rows_by_variant(grid, with_record(show, record_path(args.grid)))
     if not rows:
         sys.exit(f"no experiment of {args.grid} has run yet: make study GRID={args.grid} ARGS=--in-place")
     print(table(rows))

@@ -38,12 +38,19 @@ command, deps and params in ``outputs/stage_times.json`` (``make repro`` records
 variant's time is the sum over its stages of what they took when they ran; a stage whose time was never
 recorded leaves the total empty. Results are read from each experiment's metrics files: compare the variants
 on the validation columns (``val``) and report them on test.
+
+Each experiment that finishes is added to the study's record (``scripts/study_curve.yaml`` ->
+``scripts/study_curve.runs.json``; ``scripts/experiments.py``): commit it, and a clone, which has none of the
+experiments, prints the same table and counts those runs as run. ``--record`` adds every finished experiment
+of the grid that ``dvc exp show`` lists (one run in another clone and pulled in with ``git fetch <clone>
+'refs/exps/*:refs/exps/*'``, say) and runs nothing. To run a recorded experiment again, take it out of the record.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +58,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.experiments import dvc_command, exp_show, finished, mean_sd, values
+from scripts.experiments import dvc_command, exp_show, finished, mean_sd, record_path, values, with_record, write_record
 from scripts.time_repro import TIMES, record_times, stage_keys
 from scripts.time_repro import run as timed_run
 
@@ -108,8 +115,9 @@ def overrides(common: list[str], own: list[str]) -> list[str]:
 
 
 def experiments(show: list[dict]) -> dict[str, dict]:
-    """name -> {"rev", "data"} of every finished experiment in `dvc exp show --json`."""
-    return {name: {"rev": rev.get("rev"), "data": rev["data"]} for name, rev in finished(show)}
+    """name -> rev entry (``rev``, ``baseline``, ``data``; a recorded run's ``stage_times`` too) of every finished
+    experiment in `dvc exp show --json`."""
+    return dict(finished(show))
 
 
 def lock_of(rev: str) -> str:
@@ -117,13 +125,20 @@ def lock_of(rev: str) -> str:
     return subprocess.run(["git", "show", f"{rev}:dvc.lock"], check=True, capture_output=True, text=True).stdout
 
 
+def stage_times(exp: dict, times: dict) -> dict[str, float | None]:
+    """stage -> seconds of an experiment's stages: a recorded run's own, else looked up in ``times``
+    (``outputs/stage_times.json``) under its dvc.lock's keys (None where that stage's time was never recorded)."""
+    if "stage_times" in exp:
+        return exp["stage_times"]
+    return {s: times.get(f"{s}:{k}") for s, k in stage_keys(lock_of(exp["rev"])).items()}
+
+
 def row(name: str, exp: dict, times: dict) -> dict:
     r = {"name": name} | values(exp["data"], COLUMNS)
-    stage_times = {s: times.get(f"{s}:{k}") for s, k in stage_keys(lock_of(exp["rev"])).items()}
-    r["stage_times"] = stage_times
-    r["seconds"] = None if None in stage_times.values() else sum(stage_times.values())
-    r["pretrain s"] = stage_times.get("pretrain")
-    r["finetune s"] = stage_times.get("finetune")
+    r["stage_times"] = stage_times(exp, times)
+    r["seconds"] = None if None in r["stage_times"].values() else sum(r["stage_times"].values())
+    r["pretrain s"] = r["stage_times"].get("pretrain")
+    r["finetune s"] = r["stage_times"].get("finetune")
     return r
 
 
@@ -148,6 +163,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="run only these variants (the table shows every one that has run)")
     ap.add_argument("--table", action="store_true", help="print the table of what has run; run nothing")
     ap.add_argument(
+        "--record", action="store_true",
+        help="add every finished experiment of the grid in `dvc exp show` to the study's record; run nothing",
+    )  # fmt: skip
+    ap.add_argument(
         "-A", "--all-commits", action="store_true",
         help="count the experiments of every commit (`dvc exp show -A`) as run, not only HEAD's",
     )  # fmt: skip
@@ -157,16 +176,21 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     grid = load_grid(args.grid)
-    dvc, prefix = dvc_command("activate the project's .venv"), grid["prefix"]
+    dvc, prefix, record = dvc_command("activate the project's .venv"), grid["prefix"], record_path(args.grid)
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
 
     def show(all_commits: bool = args.all_commits) -> dict[str, dict]:
-        return experiments(exp_show(dvc, all_commits))
+        return experiments(with_record(exp_show(dvc, all_commits), record))
 
     done = show()
+    if args.record:
+        ours = re.compile(rf"{re.escape(prefix)}-({'|'.join(map(re.escape, grid['variants']))})-s\d+")
+        live = {n: e for n, e in experiments(exp_show(dvc, args.all_commits)).items() if ours.fullmatch(n)}
+        live = {n: e | {"stage_times": stage_times(e, times)} for n, e in live.items()}
+        print(f"{write_record(record, live)}: {len(live)} experiments recorded ({', '.join(sorted(live))})")
     names = {v: [f"{prefix}-{v}-s{s}" for s in args.seeds] for v in grid["variants"]}
     for variant, sets in grid["variants"].items():
-        if args.table or (args.only and variant not in args.only):
+        if args.table or args.record or (args.only and variant not in args.only):
             continue
         for seed, name in zip(args.seeds, names[variant], strict=True):
             if name in done:
@@ -182,6 +206,7 @@ def main() -> None:
             if name not in done:  # a commit made while it ran: the experiment is listed under its older baseline
                 done |= {name: show(all_commits=True)[name]}
             times = record_times(report["stages"], lock_of(done[name]["rev"]))
+            write_record(record, {name: done[name] | {"stage_times": stage_times(done[name], times)}})
     rows = {v: [row(n, done[n], times) for n in ns if n in done] for v, ns in names.items()}
     rows = {v: rs for v, rs in rows.items() if rs}
     if not rows:

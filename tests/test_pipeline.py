@@ -404,6 +404,23 @@ def test_a_recipe_study_runs_its_grid_once_and_tabulates_time_and_results(repo):
         assert cells["seeds"] == "1" and float(cells["linear val"]) > 0 and float(cells["finetune s"]) > 0
     again = sh(repo, sys.executable, "scripts/recipe_study.py", "grid.yaml", "--table")
     assert "dvc exp run" not in again.stdout and again.stdout.splitlines()[-3:] == r.stdout.splitlines()[-3:]
+    # the study's record (grid.runs.json, committed with the code): a clone has none of the experiments, and
+    # prints the same table from the record and runs nothing again
+    record = json.loads((repo / "grid.runs.json").read_text())["runs"]
+    assert set(record) == {"st-base-s0", "st-lp5-s0"} and record["st-lp5-s0"]["stage_times"]["linprobe"] > 0
+    assert record["st-lp5-s0"]["data"]["params"]["params.yaml"]["data"]["linprobe"]["epochs"] == 5
+    sh(repo, "dvc", "exp", "remove", "st-base-s0", "st-lp5-s0")
+    assert "st-" not in sh(repo, "dvc", "exp", "show", "--json").stdout
+    cloned = sh(repo, sys.executable, "scripts/recipe_study.py", "grid.yaml")
+    assert "st-base-s0: already run" in cloned.stdout and "dvc exp run" not in cloned.stdout
+    assert cloned.stdout.splitlines()[-3:] == r.stdout.splitlines()[-3:]
+    recorded = sh(repo, sys.executable, "scripts/recipe_study.py", "grid.yaml", "--record")
+    assert "0 experiments recorded" in recorded.stdout  # nothing live to add; the record is kept as it was
+    assert json.loads((repo / "grid.runs.json").read_text())["runs"] == record
+    (repo / "grid.runs.json").write_text('{"runs": {"st-base-s0": {"rev": "abc"}}}')
+    r = sh(repo, sys.executable, "scripts/recipe_study.py", "grid.yaml", "--table", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("grid.runs.json: not a study record (KeyError")
     bad = repo / "bad.yaml"
     bad.write_text("variants:\n  x: [linprobe.epochs]\n")
     r = sh(repo, sys.executable, "scripts/recipe_study.py", "bad.yaml", check=False)

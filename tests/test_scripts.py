@@ -82,6 +82,30 @@ def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
     assert plot(rows, tmp_path / "curve.png").stat().st_size > 10_000
 
 
+def test_a_studys_record_stands_in_for_the_experiments_a_clone_lacks(tmp_path):
+    """write_record keeps what `dvc exp show` gave of a finished experiment; with_record lists it after the live
+    ones, in their shape, unless a finished experiment of the same name is live (that one wins)."""
+    from scripts.experiments import finished, read_record, with_record, write_record
+    from scripts.plot_curve import rows_by_variant
+
+    grid = {"prefix": "curve", "variants": {"x1": [], "x2": []}}
+    runs = [("curve-x1-s0", 100, 0.80), ("curve-x2-s0", 200, 0.82)]
+    show = [{"rev": "abc", "experiments": [_exp(*r) for r in runs]}]
+    path = tmp_path / "study_curve.runs.json"
+    live = {name: rev | {"rev": name[-5:], "stage_times": {"pretrain": 9.0}} for name, rev in finished(show)}
+    write_record(path, live)
+    assert read_record(path)["curve-x2-s0"]["baseline"] == "abc" and not list(tmp_path.glob(".*.tmp"))
+    assert rows_by_variant(grid, with_record([], path)) == rows_by_variant(grid, show)  # a clone: the record alone
+    rerun = [{"rev": "def", "experiments": [_exp("curve-x2-s0", 200, 0.90)]}]
+    merged = dict(finished(with_record(rerun, path)))
+    assert merged["curve-x2-s0"]["baseline"] == "def" and merged["curve-x1-s0"]["stage_times"] == {"pretrain": 9.0}
+    write_record(path, {"curve-x2-s0": merged["curve-x2-s0"] | {"rev": "e2", "stage_times": {}}})  # replaces one
+    assert {n: r["baseline"] for n, r in read_record(path).items()} == {"curve-x1-s0": "abc", "curve-x2-s0": "def"}
+    path.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"study_curve.runs.json: not a study record \(TypeError"):
+        read_record(path)
+
+
 def test_a_grid_whose_common_recipe_is_malformed_exits_with_one_line_naming_it(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("common: [finetune.epochs]\nvariants:\n  x: []\n")
