@@ -101,6 +101,10 @@ def table(rows: dict[str, list[dict]]) -> str:
     for variant, rs in rows.items():
         cells = [mean_sd([gap(r, p, b) for r in rs]) for p, b in GAPS]
         lines.append(f"| {variant} | {len(rs)} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | seed | " + " | ".join(f"{p} - {b}" for p, b in GAPS) + " |", "|" + "---|" * (len(GAPS) + 2)]
+    for variant, rs in rows.items():
+        for r in sorted(rs, key=lambda r: r["seed"]):
+            lines.append(f"| {variant} | {r['seed']} | " + " | ".join(mean_sd([gap(r, p, b)]) for p, b in GAPS) + " |")
     return "\n".join(lines)
 
 

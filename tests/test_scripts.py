@@ -79,6 +79,7 @@ def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
     # a baseline counts each seed once (seed 0 ran at two lengths); a gap is taken within each run
     assert "| linear rand | 2 | 75.0 +- 0.0 |" in lines and "| seg rand | 0 |  |" in lines
     assert "| x1 | 1 | -3.0 |  |  |  |  |" in lines and "| x2 | 2 | 0.0 +- 1.4 |  |  |  |  |" in lines
+    assert lines[-2:] == ["| x2 | 0 | -1.0 |  |  |  |  |", "| x2 | 1 | 1.0 |  |  |  |  |"]  # and each run's own
     assert plot(rows, tmp_path / "curve.png").stat().st_size > 10_000
 
 
