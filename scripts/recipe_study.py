@@ -42,8 +42,8 @@ on the validation columns (``val``) and report them on test.
 Each experiment that finishes is added to the study's record (``scripts/study_curve.yaml`` ->
 ``scripts/study_curve.runs.json``; ``scripts/experiments.py``): commit it, and a clone, which has none of the
 experiments, prints the same table and counts those runs as run. ``--record`` adds every finished experiment
-of the grid that ``dvc exp show`` lists (one run in another clone and pulled in with ``git fetch <clone>
-'refs/exps/*:refs/exps/*'``, say) and runs nothing. To run a recorded experiment again, take it out of the record.
+of the grid that ``dvc exp show`` lists (one run in another clone and brought here with ``dvc exp pull -A
+--no-cache <clone>``, say) and runs nothing. To run a recorded experiment again, take it out of the record.
 """
 
 from __future__ import annotations
@@ -188,9 +188,10 @@ def main() -> None:
         live = {n: e for n, e in experiments(exp_show(dvc, args.all_commits)).items() if ours.fullmatch(n)}
         live = {n: e | {"stage_times": stage_times(e, times)} for n, e in live.items()}
         print(f"{write_record(record, live)}: {len(live)} experiments recorded ({', '.join(sorted(live))})")
+        return
     names = {v: [f"{prefix}-{v}-s{s}" for s in args.seeds] for v in grid["variants"]}
     for variant, sets in grid["variants"].items():
-        if args.table or args.record or (args.only and variant not in args.only):
+        if args.table or (args.only and variant not in args.only):
             continue
         for seed, name in zip(args.seeds, names[variant], strict=True):
             if name in done:
