@@ -182,13 +182,13 @@ def main() -> None:
     def show(all_commits: bool = args.all_commits) -> dict[str, dict]:
         return experiments(with_record(exp_show(dvc, all_commits), record))
 
-    done = show()
     if args.record:
         ours = re.compile(rf"{re.escape(prefix)}-({'|'.join(map(re.escape, grid['variants']))})-s\d+")
         live = {n: e for n, e in experiments(exp_show(dvc, args.all_commits)).items() if ours.fullmatch(n)}
         live = {n: e | {"stage_times": stage_times(e, times)} for n, e in live.items()}
         print(f"{write_record(record, live)}: {len(live)} experiments recorded ({', '.join(sorted(live))})")
         return
+    done = show()
     names = {v: [f"{prefix}-{v}-s{s}" for s in args.seeds] for v in grid["variants"]}
     for variant, sets in grid["variants"].items():
         if args.table or (args.only and variant not in args.only):
