@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 METRICS: dict[str, tuple[str, tuple[str, ...], float]] = {  # name -> (metrics file, key path, scale)
@@ -126,6 +127,14 @@ def finished(show: list[dict], quiet: bool = False) -> Iterator[tuple[str, dict]
                 elif name and rev.get("data") and not rev.get("error"):
                     seen.add(name)
                     yield name, rev | {"baseline": commit.get("rev")}
+
+
+def study_run(name: str, prefix: str, variants: Iterable[str]) -> tuple[str, int] | None:
+    """(variant, seed) of a study's experiment, named ``<prefix>-<variant>-s<seed>`` (`scripts/recipe_study.py`
+    names them so); None for any other name."""
+    alternatives = "|".join(map(re.escape, sorted(variants, key=len, reverse=True)))
+    match = re.fullmatch(rf"{re.escape(prefix)}-({alternatives})-s(\d+)", name)
+    return (match[1], int(match[2])) if match else None
 
 
 def record_path(grid: Path) -> Path:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.outputs import new_figure, save_figure  # noqa: E402
-from scripts.experiments import dvc_command, exp_show, finished, mean_sd, record_path, values, with_record  # noqa: E402
+from scripts.experiments import dvc_command, exp_show, finished, mean_sd, record_path, study_run, values, with_record  # noqa: E402
 from scripts.recipe_study import load_grid  # noqa: E402
 
 PANELS = [  # (title, pretrained metric, {baseline label: metric})
@@ -55,18 +55,18 @@ METRICS = sorted(
 
 
 def rows_by_variant(grid: dict, show: list[dict]) -> dict[str, list[dict]]:
-    """variant -> one dict of METRICS and its ``seed`` per finished experiment ``<prefix>-<variant>-s<seed>``."""
-    runs = dict(finished(show))
+    """variant -> one dict of METRICS and its ``seed`` per finished experiment ``<prefix>-<variant>-s<seed>``, in
+    the grid's order of variants and by seed."""
+    runs = [(study_run(name, grid["prefix"], grid["variants"]), rev) for name, rev in finished(show)]
     out = {}
     for variant in grid["variants"]:
-        start = f"{grid['prefix']}-{variant}-s"
         rows = [
-            {**values(rev["data"], [(m, m) for m in METRICS]), "seed": name.removeprefix(start)}
-            for name, rev in runs.items()
-            if name.startswith(start)
+            {**values(rev["data"], [(m, m) for m in METRICS]), "seed": run[1]}
+            for run, rev in runs
+            if run and run[0] == variant
         ]
         if rows:
-            out[variant] = rows
+            out[variant] = sorted(rows, key=lambda r: r["seed"])
     return out
 
 
@@ -100,7 +100,7 @@ def table(rows: dict[str, list[dict]]) -> str:
         lines.append(f"| {variant} | {len(rs)} | " + " | ".join(cells) + " |")
     lines += ["", f"| run | seed | {gaps}"]  # and each run's own gaps, to read a claim "at every seed" off
     for variant, rs in rows.items():
-        for r in sorted(rs, key=lambda r: r["seed"]):
+        for r in rs:
             lines.append(f"| {variant} | {r['seed']} | " + " | ".join(mean_sd([gap(r, p, b)]) for p, b in GAPS) + " |")
     return "\n".join(lines)
 

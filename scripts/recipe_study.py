@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +57,17 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.experiments import dvc_command, exp_show, finished, mean_sd, record_path, values, with_record, write_record
+from scripts.experiments import (
+    dvc_command,
+    exp_show,
+    finished,
+    mean_sd,
+    record_path,
+    study_run,
+    values,
+    with_record,
+    write_record,
+)
 from scripts.time_repro import TIMES, record_times, stage_keys
 from scripts.time_repro import run as timed_run
 
@@ -112,12 +121,6 @@ def overrides(common: list[str], own: list[str]) -> list[str]:
     merged = {s.split("=", 1)[0]: s for s in common}
     merged.update({s.split("=", 1)[0]: s for s in own})
     return list(merged.values())
-
-
-def experiments(show: list[dict]) -> dict[str, dict]:
-    """name -> rev entry (``rev``, ``baseline``, ``data``; a recorded run's ``stage_times`` too) of every finished
-    experiment in `dvc exp show --json`."""
-    return dict(finished(show))
 
 
 def lock_of(rev: str) -> str:
@@ -180,11 +183,11 @@ def main() -> None:
     times = json.loads(TIMES.read_text()) if TIMES.exists() else {}
 
     def show(all_commits: bool = args.all_commits) -> dict[str, dict]:
-        return experiments(with_record(exp_show(dvc, all_commits), record))
+        return dict(finished(with_record(exp_show(dvc, all_commits), record)))
 
     if args.record:
-        ours = re.compile(rf"{re.escape(prefix)}-({'|'.join(map(re.escape, grid['variants']))})-s\d+")
-        live = {n: e for n, e in experiments(exp_show(dvc, args.all_commits)).items() if ours.fullmatch(n)}
+        live = dict(finished(exp_show(dvc, args.all_commits)))
+        live = {n: e for n, e in live.items() if study_run(n, prefix, grid["variants"])}
         live = {n: e | {"stage_times": stage_times(e, times)} for n, e in live.items()}
         print(f"{write_record(record, live)}: {len(live)} experiments recorded ({', '.join(sorted(live))})")
         return

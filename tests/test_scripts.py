@@ -63,6 +63,10 @@ def _exp(name: str, steps: int, top1: float) -> dict:
     return {"revs": [{"name": name, "data": {"metrics": {p: {"data": d} for p, d in metrics.items()}}}]}
 
 
+def _exp_commit(runs: list[tuple[str, int, float]], rev: str = "abc") -> dict:
+    return {"rev": rev, "experiments": [_exp(*r) for r in runs]}
+
+
 def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
     """plot_curve groups a grid's experiments by variant (mean +- sd over seeds), prints what it draws and each
     run's gap to its own seed's baseline, and draws the protocols it has (empty panels for stages the runs lack)."""
@@ -70,7 +74,7 @@ def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
 
     grid = {"prefix": "curve", "variants": {"x1": [], "x2": [], "x8": []}}
     runs = [("curve-x1-s0", 100, 0.80), ("curve-x2-s0", 200, 0.82), ("curve-x2-s1", 200, 0.84), ("other-x2-s0", 1, 0)]
-    show = [{"rev": "abc", "experiments": [_exp(*r) for r in runs]}]
+    show = [_exp_commit(runs)]
     rows = rows_by_variant(grid, show)
     assert list(rows) == ["x1", "x2"] and len(rows["x2"]) == 2
     lines = table(rows).splitlines()
@@ -83,6 +87,22 @@ def test_the_curve_table_and_figure_come_from_the_studys_experiments(tmp_path):
     assert plot(rows, tmp_path / "curve.png").stat().st_size > 10_000
 
 
+def test_a_study_names_its_runs_prefix_variant_seed_and_reads_the_names_back():
+    """One matcher for `recipe_study --record` and `plot_curve`: a variant that prefixes another stays apart, the
+    seed is a number (so seed 10 sorts after seed 2), any other name is not the study's."""
+    from scripts.experiments import study_run
+    from scripts.plot_curve import rows_by_variant
+
+    variants = ["x1", "x10"]
+    assert study_run("curve-x10-s2", "curve", variants) == ("x10", 2)
+    assert study_run("curve-x1-s10", "curve", variants) == ("x1", 10)
+    for other in ("curve-x1-s", "curve-x1-sa", "curve-x1-s0-old", "curve-x2-s0", "seeds-x1-s0", "curve-x1"):
+        assert study_run(other, "curve", variants) is None, other
+    runs = [("curve-x1-s10", 100, 0.80), ("curve-x1-s2", 100, 0.82), ("curve-x10-s0", 1000, 0.9)]
+    rows = rows_by_variant({"prefix": "curve", "variants": {v: [] for v in variants}}, [_exp_commit(runs)])
+    assert [r["seed"] for r in rows["x1"]] == [2, 10] and [r["seed"] for r in rows["x10"]] == [0]
+
+
 def test_a_studys_record_stands_in_for_the_experiments_a_clone_lacks(tmp_path):
     """write_record keeps what `dvc exp show` gave of a finished experiment; with_record lists it after the live
     ones, in their shape, unless a finished experiment of the same name is live (that one wins)."""
@@ -91,13 +111,13 @@ def test_a_studys_record_stands_in_for_the_experiments_a_clone_lacks(tmp_path):
 
     grid = {"prefix": "curve", "variants": {"x1": [], "x2": []}}
     runs = [("curve-x1-s0", 100, 0.80), ("curve-x2-s0", 200, 0.82)]
-    show = [{"rev": "abc", "experiments": [_exp(*r) for r in runs]}]
+    show = [_exp_commit(runs)]
     path = tmp_path / "study_curve.runs.json"
     live = {name: rev | {"rev": name[-5:], "stage_times": {"pretrain": 9.0}} for name, rev in finished(show)}
     write_record(path, live)
     assert read_record(path)["curve-x2-s0"]["baseline"] == "abc" and not list(tmp_path.glob(".*.tmp"))
     assert rows_by_variant(grid, with_record([], path)) == rows_by_variant(grid, show)  # a clone: the record alone
-    rerun = [{"rev": "def", "experiments": [_exp("curve-x2-s0", 200, 0.90)]}]
+    rerun = [_exp_commit([("curve-x2-s0", 200, 0.90)], "def")]
     merged = dict(finished(with_record(rerun, path)))
     assert merged["curve-x2-s0"]["baseline"] == "def" and merged["curve-x1-s0"]["stage_times"] == {"pretrain": 9.0}
     write_record(path, {"curve-x2-s0": merged["curve-x2-s0"] | {"rev": "e2", "stage_times": {}}})  # replaces one
