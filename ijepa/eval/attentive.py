@@ -28,6 +28,7 @@ from ..schedules import warmup_cosine
 from .linear import topk_correct
 
 EPS = 1e-6  # norm1's epsilon
+EVAL_CHUNK = 1024  # cached tokens scored at once on val and test (bounds memory; hits are summed over chunks)
 
 
 class AttentiveProbe(nn.Module):
@@ -212,9 +213,9 @@ def train_attentive_probe(
     hits = {}
     for split in splits[1:]:
         counts = torch.zeros(len(lrs), 2, dtype=torch.float64)
-        for lo in range(0, len(z[split]), 1024):
-            y = labels[split][lo : lo + 1024].to(device)
-            counts += count_hits(probes, z[split][lo : lo + 1024].to(device), y)
+        for lo in range(0, len(z[split]), EVAL_CHUNK):
+            y = labels[split][lo : lo + EVAL_CHUNK].to(device)
+            counts += count_hits(probes, z[split][lo : lo + EVAL_CHUNK].to(device), y)
         hits[split] = (len(z[split]), counts)
     return best_of(lrs, hits, heads)
 
