@@ -128,7 +128,8 @@ def test_dvc_local_failed_job_prints_its_log_tail_and_one_line(chain):
     assert r.returncode == 2 and len(err) == 1, r.stdout[-2000:] + r.stderr
     assert re.fullmatch(r"pretrain: error: pretrain: job \d+ failed: .*cuda.* \(log: .*_0_log\.err\)", err[0]), err
     log = Path(err[0].rsplit("(log: ", 1)[1].rstrip(")"))
-    assert log.is_file() and "Traceback" in log.read_text() and "Traceback" in r.stdout  # the tail, shown
+    assert log.is_file() and "Traceback" in log.read_text(), log
+    assert "Traceback" in r.stdout, r.stdout[-3000:]  # the tail, shown (its log streamed, then its last lines)
     assert not launch.record_path(chain, "pretrain").exists()
 
 
